@@ -1,0 +1,1 @@
+"""The `homenet` and `hnctl` commands: parse, call, print; no logic."""

@@ -1,0 +1,44 @@
+"""What both commands share: exit codes, one-line errors, the event loop."""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+from collections.abc import Coroutine
+from typing import Any, NoReturn, TypeVar
+
+T = TypeVar("T")
+
+#: Stable exit codes (a contract for scripts).
+EXIT_OK = 0
+EXIT_FAILED = 1  # the route, the node or the target failed
+EXIT_USAGE = 2  # bad arguments or configuration
+EXIT_INTERRUPTED = 130
+
+
+def fail(message: str, code: int = EXIT_FAILED) -> NoReturn:
+    """Print ``<prog>: error: <message>`` on one line to stderr and exit."""
+    prog = sys.argv[0].rsplit("/", 1)[-1] or "homenet"
+    print(f"{prog}: error: {message}", file=sys.stderr)
+    raise SystemExit(code)
+
+
+def run(coro: Coroutine[Any, Any, T]) -> T:
+    """Run a coroutine on uvloop where it is available."""
+    try:
+        import uvloop
+    except ImportError:  # not on Windows: the standard loop works, a little slower
+        return asyncio.run(coro)
+    return uvloop.run(coro)
+
+
+def raise_nofile() -> None:
+    """Lift the soft open-files limit to the hard one (a relay holds many sockets)."""
+    try:
+        import resource
+
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        if soft != hard:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    except (ImportError, ValueError, OSError):
+        pass

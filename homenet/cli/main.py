@@ -1,0 +1,160 @@
+"""``homenet``: run a node, connect to a route, forward a local port to a route."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Any
+
+from homenet import __version__
+from homenet.cli.common import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE, fail, raise_nofile, run
+from homenet.node.address import AddressError, parse_url
+from homenet.node.client import RouteFailed
+from homenet.node.log import configure
+from homenet.node.settings import SettingsError, load_settings
+
+
+def _announce(line: str) -> None:
+    print(line, flush=True)
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="homenet", description="Every server of a home network through one port.")
+    p.add_argument("--version", action="version", version=f"homenet {__version__}")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    node = sub.add_parser("node", help="run a node (relay and/or home bridge)", description="Run a node.")
+    node.add_argument("--bind", help="address to listen on (default 0.0.0.0)")
+    node.add_argument("--port", type=int, help="TCP port for both planes (default 6969; 0 picks a free one)")
+    node.add_argument("--name", help="node name shown to operators (default: the host name)")
+    node.add_argument("--rl", action="append", metavar="URL", help="remote-listen on hn://RELAY[:PORT][/HOP...]")
+    node.add_argument("--listen-id", help="listenId to claim on the relay")
+    node.add_argument(
+        "--allow", action="append", metavar="CIDR",
+        help="direct targets this node may dial (repeatable; 'lan' = this host's private subnets)",
+    )  # fmt: skip
+    node.add_argument("--no-mdns", dest="mdns", action="store_const", const=False, help="turn LAN discovery off")
+    node.add_argument("--config", help="TOML config file (flags > HOMENET_* env > file)")
+    node.add_argument("--state-dir", help="where the node keeps its state")
+    node.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
+    node.add_argument("--log-format", choices=["text", "json"])
+    node.add_argument("--handshake-timeout", type=float, metavar="SECONDS")
+    node.add_argument("--dial-timeout", type=float, metavar="SECONDS")
+    node.add_argument("--idle-timeout", type=float, metavar="SECONDS", help="0 disables")
+    node.add_argument("--drain-grace", type=float, metavar="SECONDS")
+    node.add_argument("--max-sessions", type=int)
+
+    conn = sub.add_parser(
+        "connect", help="netcat for HomeNet: stdin to the target, the target to stdout",
+        description="Connect to URL; exit 0 when the target closes, 1 with a reason when the route fails.",
+    )  # fmt: skip
+    conn.add_argument("url", metavar="URL")
+    conn.add_argument("--data", help="send TEXT instead of reading stdin, then half-close")
+    conn.add_argument("--timeout", type=float, default=10.0, help="seconds to open the route (default 10)")
+
+    lis = sub.add_parser(
+        "listen", help="forward a local TCP port to URL",
+        description="Forward every connection to a local port to URL.",
+    )  # fmt: skip
+    lis.add_argument("url", metavar="URL")
+    lis.add_argument("--bind", default="127.0.0.1", help="local address (default 127.0.0.1)")
+    lis.add_argument("--port", type=int, default=0, help="local port (default: a free one)")
+    lis.add_argument("--timeout", type=float, default=10.0, help="seconds to open the route (default 10)")
+    lis.add_argument("--log-level", default="warning", choices=["debug", "info", "warning", "error"])
+    return p
+
+
+def _cmd_node(args: argparse.Namespace) -> int:
+    from homenet.control.app import run_node
+
+    flags: dict[str, Any] = {
+        k: getattr(args, k)
+        for k in (
+            "bind", "port", "name", "listen_id", "mdns", "state_dir", "log_level", "log_format",
+            "handshake_timeout", "dial_timeout", "idle_timeout", "drain_grace", "max_sessions",
+        )  # fmt: skip
+    }
+    flags["rl"] = tuple(args.rl) if args.rl else None
+    flags["allow"] = tuple(args.allow) if args.allow else None
+    try:
+        settings = load_settings(flags, config=args.config)
+        from homenet.node.policy import TargetPolicy
+
+        TargetPolicy.from_specs(settings.allow)  # fail now, not at the first client
+    except (SettingsError, ValueError) as exc:
+        fail(str(exc), EXIT_USAGE)
+    configure(settings.log_level, settings.log_format)
+    raise_nofile()
+    try:
+        run(run_node(settings, _announce))
+    except OSError as exc:
+        fail(f"cannot listen on {settings.bind}:{settings.port}: {exc.strerror or exc}", EXIT_FAILED)
+    return EXIT_OK
+
+
+def _cmd_connect(args: argparse.Namespace) -> int:
+    from homenet.node.forward import stdio_session
+
+    try:
+        route = parse_url(args.url)
+    except AddressError as exc:
+        fail(str(exc), EXIT_USAGE)
+    data = args.data.encode("utf-8") if args.data is not None else None
+    try:
+        run(stdio_session(route, data, args.timeout))
+    except RouteFailed as exc:
+        fail(str(exc))
+    except (ConnectionError, OSError) as exc:
+        fail(f"{route}: connection broke: {exc.strerror if isinstance(exc, OSError) and exc.strerror else exc}")
+    return EXIT_OK
+
+
+def _cmd_listen(args: argparse.Namespace) -> int:
+    from homenet.node.forward import Forwarder
+
+    try:
+        route = parse_url(args.url)
+    except AddressError as exc:
+        fail(str(exc), EXIT_USAGE)
+    if not route.hops:
+        fail(f"{route} names no target: add a hop, e.g. {route}/127.0.0.1:22", EXIT_USAGE)
+    configure(args.log_level)
+    raise_nofile()
+
+    async def serve() -> None:
+        import asyncio
+        import signal
+
+        fwd = Forwarder(route, args.bind, args.port, args.timeout)
+        try:
+            ep = await fwd.start()
+        except OSError as exc:
+            fail(f"cannot listen on {args.bind}:{args.port}: {exc.strerror or exc}")
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        _announce(f"LISTENING tcp://{ep} -> {route}")
+        try:
+            await stop.wait()
+        finally:
+            await fwd.close()
+
+    run(serve())
+    return EXIT_OK
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``homenet`` command."""
+    args = _parser().parse_args(argv)
+    handler = {"node": _cmd_node, "connect": _cmd_connect, "listen": _cmd_listen}[args.command]
+    try:
+        return handler(args)
+    except KeyboardInterrupt:
+        return EXIT_INTERRUPTED
+    except BrokenPipeError:
+        return EXIT_FAILED
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""The control plane: gRPC servicers, the client, generated code, error mapping."""

@@ -1,0 +1,105 @@
+"""The node's in-process gRPC server: NodeService, health and reflection.
+
+It listens on a loopback port that only the node's one public port splices to; the servicers
+only translate between protobuf and the node core.
+"""
+
+from __future__ import annotations
+
+import time
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1._async import HealthServicer
+from grpc_reflection.v1alpha import reflection
+
+from homenet import __version__
+from homenet.control.v1 import node_pb2, node_pb2_grpc
+from homenet.node.server import Node
+
+#: gRPC service names this node serves (health reports on each and on "").
+SERVICES = (node_pb2.DESCRIPTOR.services_by_name["NodeService"].full_name,)
+MAX_MESSAGE = 4 * 1024 * 1024
+
+
+class NodeServicer(node_pb2_grpc.NodeServiceServicer):
+    """NodeService: status and sessions of one node."""
+
+    def __init__(self, node: Node) -> None:
+        self.node = node
+
+    async def GetStatus(
+        self, request: node_pb2.GetStatusRequest, context: grpc.aio.ServicerContext[object, object]
+    ) -> node_pb2.NodeStatus:
+        n = self.node
+        t = n.totals
+        return node_pb2.NodeStatus(
+            name=n.settings.name,
+            version=__version__,
+            uptime_seconds=max(0.0, time.time() - n.started),
+            address=n.url,
+            active_sessions=len(n.sessions),
+            total_sessions=t.sessions,
+            bytes_up=t.bytes_up,
+            bytes_down=t.bytes_down,
+            refused_sessions=t.refused,
+            listeners=0,
+            state=n.state,
+        )
+
+    async def ListSessions(
+        self, request: node_pb2.ListSessionsRequest, context: grpc.aio.ServicerContext[object, object]
+    ) -> node_pb2.ListSessionsResponse:
+        return node_pb2.ListSessionsResponse(
+            sessions=[
+                node_pb2.Session(
+                    id=s.id,
+                    client=s.client,
+                    target=s.target,
+                    dialed=s.dialed,
+                    since=s.since,
+                    bytes_up=s.bytes_up,
+                    bytes_down=s.bytes_down,
+                )
+                for s in sorted(self.node.sessions.values(), key=lambda s: s.id)
+            ]
+        )
+
+
+class ControlServer:
+    """The gRPC server of one node, bound to a private loopback port."""
+
+    def __init__(self) -> None:
+        self.server = grpc.aio.server(
+            options=[
+                ("grpc.max_receive_message_length", MAX_MESSAGE),
+                ("grpc.max_send_message_length", MAX_MESSAGE),
+                ("grpc.max_concurrent_streams", 1000),
+                ("grpc.keepalive_permit_without_calls", 1),
+                ("grpc.http2.min_ping_interval_without_data_ms", 5000),
+                ("grpc.so_reuseport", 0),
+            ]
+        )
+        self.health = HealthServicer()
+        self.port = 0
+
+    def add_node(self, node: Node) -> None:
+        node_pb2_grpc.add_NodeServiceServicer_to_server(NodeServicer(node), self.server)
+
+    async def start(self) -> tuple[str, int]:
+        """Register health and reflection, bind 127.0.0.1:0, start; returns the endpoint."""
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
+        names = (*SERVICES, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME)
+        reflection.enable_server_reflection(names, self.server)
+        self.port = self.server.add_insecure_port("127.0.0.1:0")
+        await self.server.start()
+        for name in ("", *SERVICES):
+            await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
+        return ("127.0.0.1", self.port)
+
+    async def not_serving(self) -> None:
+        """Tell health watchers the node is going away (first step of shutdown)."""
+        await self.health.enter_graceful_shutdown()
+
+    async def stop(self, grace: float) -> None:
+        await self.server.stop(grace)

@@ -1,0 +1,1 @@
+"""The node's core: data plane, routing, policy, splice. No gRPC imports here."""

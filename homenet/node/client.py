@@ -1,0 +1,97 @@
+"""The client side of the data plane: open a route through a chain of nodes.
+
+The requests of every hop (and the caller's first payload) go out in one write; the replies
+come back in order, one per hop, as each node splices to the next.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import socket
+from dataclasses import dataclass
+
+from homenet.node.address import Endpoint, Route
+from homenet.node.dialer import connect
+from homenet.node.preamble import NEED_DATA, Code, ProtocolError, Reply, ReplyParser, Verb, encode_request
+
+
+class RouteFailed(Exception):
+    """A route could not be opened; the message is one line naming the hop and the reason."""
+
+    def __init__(self, message: str, code: Code | None = None, hop: int | None = None) -> None:
+        super().__init__(message)
+        self.code = code
+        self.hop = hop
+
+
+@dataclass(slots=True)
+class Opened:
+    """A socket spliced to the route's last hop, and target bytes that came with the replies."""
+
+    sock: socket.socket
+    early: bytes
+
+
+async def dial_endpoint(ep: Endpoint, timeout: float) -> socket.socket:
+    """Connect to a node's endpoint (any address it resolves to)."""
+    loop = asyncio.get_running_loop()
+    try:
+        addrs = [ipaddress.ip_address(ep.host)]
+    except ValueError:
+        try:
+            async with asyncio.timeout(timeout):
+                infos = await loop.getaddrinfo(ep.host, ep.port, type=socket.SOCK_STREAM)
+        except (OSError, TimeoutError) as exc:
+            raise RouteFailed(f"cannot resolve {ep.host}: {exc}") from None
+        addrs = [ipaddress.ip_address(str(i[4][0]).split("%", 1)[0]) for i in infos]
+    last: Exception | None = None
+    for addr in addrs:
+        try:
+            return await connect(addr, ep.port, timeout)
+        except (OSError, TimeoutError) as exc:
+            last = exc
+    why = "timed out" if isinstance(last, TimeoutError) else getattr(last, "strerror", None) or str(last)
+    raise RouteFailed(f"cannot reach node {ep}: {str(why).lower()}")
+
+
+def route_requests(route: Route) -> bytes:
+    """The pipelined request lines for every hop of ``route``."""
+    return b"".join(encode_request(Verb.CONNECT, str(hop)) for hop in route.hops)
+
+
+async def open_route(route: Route, *, first: bytes = b"", timeout: float = 10.0) -> Opened:
+    """Connect through every hop of ``route``; ``first`` is sent along with the requests."""
+    if not route.hops:
+        raise RouteFailed(f"{route} names no target: add a hop, e.g. {route}/127.0.0.1:22")
+    loop = asyncio.get_running_loop()
+    sock = await dial_endpoint(route.entry, timeout)
+    try:
+        async with asyncio.timeout(timeout):
+            await loop.sock_sendall(sock, route_requests(route) + first)
+            parser = ReplyParser()
+            for i, hop in enumerate(route.hops):
+                while (event := parser.next_event()) is NEED_DATA:
+                    parser.receive_data(await loop.sock_recv(sock, 65536))
+                assert isinstance(event, Reply)
+                if not event.ok:
+                    where = route.prefix(i) if i else route.entry
+                    raise RouteFailed(
+                        f"{where} refused hop {hop}: {event.code.slug} ({int(event.code)}) {event.reason}".rstrip(),
+                        event.code,
+                        i,
+                    )
+        return Opened(sock, parser.trailing())
+    except TimeoutError:
+        sock.close()
+        raise RouteFailed(f"{route}: no answer within {timeout:g}s") from None
+    except ProtocolError as exc:
+        sock.close()
+        why = "connection closed" if "connection closed" in exc.reason else exc.reason
+        raise RouteFailed(f"{route}: bad reply from the route ({why})") from None
+    except OSError as exc:
+        sock.close()
+        raise RouteFailed(f"{route}: {exc.strerror or exc}") from None
+    except BaseException:
+        sock.close()
+        raise

@@ -1,0 +1,121 @@
+"""Resolve a target once, check every address against the policy, dial only what passed.
+
+The resolver and the connect step are injectable so tests can control time and failure.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import socket
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+
+from homenet.node.address import Endpoint
+from homenet.node.policy import IPAddress, PolicyError, TargetPolicy
+from homenet.node.preamble import Code
+
+Resolver = Callable[[str, int], Awaitable[list[IPAddress]]]
+
+
+class DialError(Exception):
+    """A hop could not be reached; ``code`` is the reply code for the client."""
+
+    def __init__(self, code: Code, reason: str) -> None:
+        super().__init__(reason)
+        self.code = code
+        self.reason = reason
+
+
+@dataclass(frozen=True, slots=True)
+class Dialed:
+    """A connected, non-blocking socket and the address it reached."""
+
+    sock: socket.socket
+    addr: IPAddress
+    port: int
+
+    def __str__(self) -> str:
+        return f"[{self.addr}]:{self.port}" if self.addr.version == 6 else f"{self.addr}:{self.port}"
+
+
+async def system_resolve(host: str, port: int) -> list[IPAddress]:
+    """Resolve with the system resolver (getaddrinfo in the loop's executor)."""
+    loop = asyncio.get_running_loop()
+    infos = await loop.getaddrinfo(host, port, type=socket.SOCK_STREAM, proto=socket.IPPROTO_TCP)
+    out: list[IPAddress] = []
+    for _family, _type, _proto, _canon, sockaddr in infos:
+        addr = ipaddress.ip_address(str(sockaddr[0]).split("%", 1)[0])
+        if addr not in out:
+            out.append(addr)
+    return out
+
+
+def tune(sock: socket.socket) -> None:
+    """Per-socket options of every spliced connection."""
+    sock.setblocking(False)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+
+async def connect(addr: IPAddress, port: int, timeout: float) -> socket.socket:
+    """Open a TCP connection to ``addr:port`` within ``timeout`` seconds."""
+    family = socket.AF_INET6 if addr.version == 6 else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        tune(sock)
+        async with asyncio.timeout(timeout):
+            await asyncio.get_running_loop().sock_connect(sock, (str(addr), port))
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+@dataclass
+class Dialer:
+    """Dials direct targets under a :class:`TargetPolicy`."""
+
+    policy: TargetPolicy
+    timeout: float = 10.0
+    resolve: Resolver = system_resolve
+
+    async def dial(self, target: Endpoint) -> Dialed:
+        """Resolve ``target`` once, drop refused addresses, connect to the first that answers."""
+        try:
+            addrs = [ipaddress.ip_address(target.host)]
+        except ValueError:
+            try:
+                async with asyncio.timeout(self.timeout):
+                    addrs = await self.resolve(target.host, target.port)
+            except (OSError, TimeoutError) as exc:
+                raise DialError(Code.UNRESOLVABLE, f"cannot resolve {target.host}: {_why(exc)}") from None
+        allowed: list[IPAddress] = []
+        refusal = ""
+        for addr in addrs:
+            try:
+                self.policy.check(addr, target.port)
+                allowed.append(addr)
+            except PolicyError as exc:
+                refusal = str(exc)
+        if not allowed:
+            raise DialError(Code.FORBIDDEN, refusal or f"{target} resolved to no address")
+        last: BaseException | None = None
+        for addr in allowed:
+            try:
+                sock = await connect(addr, target.port, self.timeout)
+                return Dialed(sock, addr, target.port)
+            except TimeoutError as exc:
+                last = exc
+            except OSError as exc:
+                last = exc
+        if isinstance(last, TimeoutError):
+            raise DialError(Code.GATEWAY_TIMEOUT, f"{target} did not answer within {self.timeout:g}s")
+        raise DialError(Code.BAD_GATEWAY, f"{target}: {_why(last)}")
+
+
+def _why(exc: BaseException | None) -> str:
+    if isinstance(exc, ConnectionRefusedError):
+        return "connection refused"
+    if isinstance(exc, OSError) and exc.strerror:
+        return exc.strerror.lower()
+    return str(exc) or type(exc).__name__

@@ -1,0 +1,137 @@
+"""Local ends of a route: a TCP port forwarding every connection (``homenet listen``), and
+standard input/output (``homenet connect``)."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import socket
+import sys
+import threading
+from typing import BinaryIO
+
+from homenet.node.address import Endpoint, Route
+from homenet.node.client import RouteFailed, open_route
+from homenet.node.dialer import tune
+from homenet.node.log import fields
+from homenet.node.splice import CarrierPool, Splice
+
+log = logging.getLogger("homenet.forward")
+
+
+class Forwarder:
+    """Listens on a local TCP port and splices each connection through ``route``."""
+
+    def __init__(self, route: Route, bind: str = "127.0.0.1", port: int = 0, timeout: float = 10.0) -> None:
+        self.route = route
+        self.bind = bind
+        self.port = port
+        self.timeout = timeout
+        self.pool = CarrierPool()
+        self.splices: set[Splice] = set()
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._lsock: socket.socket | None = None
+        self._accept_task: asyncio.Task[None] | None = None
+
+    async def start(self) -> Endpoint:
+        loop = asyncio.get_running_loop()
+        infos = await loop.getaddrinfo(self.bind, self.port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+        family, _, _, _, sockaddr = infos[0]
+        lsock = socket.socket(family, socket.SOCK_STREAM)
+        try:
+            lsock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            lsock.bind(sockaddr)
+            lsock.listen(1024)
+            lsock.setblocking(False)
+        except OSError:
+            lsock.close()
+            raise
+        self._lsock = lsock
+        self._accept_task = loop.create_task(self._accept_loop(lsock))
+        host, port = lsock.getsockname()[:2]
+        return Endpoint(str(host), int(port))
+
+    async def _accept_loop(self, lsock: socket.socket) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            try:
+                sock, _ = await loop.sock_accept(lsock)
+            except OSError as exc:
+                log.warning("listen.accept_failed", extra=fields(error=str(exc)))
+                await asyncio.sleep(0.1)  # EMFILE: back off instead of spinning
+                continue
+            tune(sock)
+            task = loop.create_task(self._serve(sock))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
+    async def _serve(self, sock: socket.socket) -> None:
+        loop = asyncio.get_running_loop()
+        try:
+            opened = await open_route(self.route, timeout=self.timeout)
+        except RouteFailed as exc:
+            log.warning("listen.route_failed", extra=fields(route=str(self.route), error=str(exc)))
+            sock.close()
+            return
+        try:
+            if opened.early:
+                await loop.sock_sendall(sock, opened.early)
+        except OSError:
+            sock.close()
+            opened.sock.close()
+            return
+        sp = Splice(sock, opened.sock, self.pool, on_close=lambda s, e: self.splices.discard(s))
+        self.splices.add(sp)
+        sp.start()
+
+    async def close(self) -> None:
+        if self._accept_task is not None:
+            self._accept_task.cancel()
+            await asyncio.gather(self._accept_task, return_exceptions=True)
+        if self._lsock is not None:
+            self._lsock.close()
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        for sp in list(self.splices):
+            sp.abort("forwarder closed")
+        self.pool.close()
+
+
+async def stdio_session(route: Route, data: bytes | None, timeout: float, out: BinaryIO | None = None) -> None:
+    """netcat over a route: ``data`` (or stdin) to the target, the target to stdout.
+
+    Returns when the target closes its side; raises :class:`RouteFailed` if the route fails
+    and ``ConnectionError`` if it breaks midway.
+    """
+    loop = asyncio.get_running_loop()
+    out = out or sys.stdout.buffer
+    opened = await open_route(route, first=data or b"", timeout=timeout)
+    sock = opened.sock
+    try:
+        if opened.early:
+            out.write(opened.early)
+            out.flush()
+        if data is not None:
+            sock.shutdown(socket.SHUT_WR)
+        else:
+            threading.Thread(target=_pump_stdin, args=(sock.dup(),), daemon=True).start()
+        while chunk := await loop.sock_recv(sock, 1 << 16):
+            out.write(chunk)
+            out.flush()
+    finally:
+        sock.close()
+
+
+def _pump_stdin(sock: socket.socket) -> None:
+    """Copy stdin to the socket (blocking, in a thread), then half-close it."""
+    sock.setblocking(True)
+    try:
+        while chunk := os.read(0, 1 << 16):
+            sock.sendall(chunk)
+        sock.shutdown(socket.SHUT_WR)
+    except OSError:
+        pass
+    finally:
+        sock.close()

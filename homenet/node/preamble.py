@@ -1,0 +1,292 @@
+"""HomeNet data-plane protocol v1, without I/O.
+
+A data-plane connection opens with one request line per hop::
+
+    HN/1 CONNECT <hop>[ <key>=<value>]...\\n        (a trailing \\r before \\n is accepted)
+
+and the node answers each request with one reply line::
+
+    HN/1 <code> <name>[ <reason>]\\n
+
+After a ``200 ok`` reply, raw bytes flow both ways. Every byte the client sent after the
+request line (the next hop's request, its payload) is handed back by the parser untouched,
+so a client may pipeline the requests of a whole chain and its first payload in one write.
+
+The parsers here take bytes and return events; ``b""`` means EOF. They cap what they buffer
+and raise :class:`ProtocolError` (the peer misbehaved), never anything else, on bad input.
+"""
+
+from __future__ import annotations
+
+import enum
+import re
+from dataclasses import dataclass, field
+
+VERSION = 1
+MAGIC = b"HN/"
+#: Largest request or reply line, terminator included.
+MAX_LINE = 1024
+#: Extension fields allowed on one request line.
+MAX_FIELDS = 16
+
+GRPC_PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
+
+
+class Code(enum.IntEnum):
+    """Stable reply codes; the number is the contract, the name its spelling on the wire."""
+
+    OK = 200
+    BAD_REQUEST = 400
+    UNAUTHORIZED = 401
+    FORBIDDEN = 403
+    NOT_FOUND = 404
+    TIMEOUT = 408
+    TOO_LARGE = 413
+    TOO_MANY = 429
+    HOP_LIMIT = 430
+    LOOP = 431
+    BAD_GATEWAY = 502
+    UNAVAILABLE = 503
+    GATEWAY_TIMEOUT = 504
+    VERSION_NOT_SUPPORTED = 505
+    UNRESOLVABLE = 506
+
+    @property
+    def slug(self) -> str:
+        """The code's wire name: ``FORBIDDEN`` -> ``forbidden``."""
+        return self.name.lower().replace("_", "-")
+
+
+_SLUGS = {c.slug: c for c in Code}
+
+
+class ProtocolError(Exception):
+    """The peer sent bytes that break the protocol; carries the reply code to send back."""
+
+    def __init__(self, code: Code, reason: str) -> None:
+        super().__init__(reason)
+        self.code = code
+        self.reason = reason
+
+
+class Verb(enum.Enum):
+    """What a request asks of the node."""
+
+    CONNECT = "CONNECT"  # splice me to <hop>
+    TICKET = "TICKET"  # a listener dialing back with a one-time ticket
+    POOL = "POOL"  # a listener parking a warm idle connection
+
+
+class Plane(enum.Enum):
+    """What the first bytes of a connection say it is."""
+
+    DATA = "data"
+    GRPC = "grpc"
+    UNKNOWN = "unknown"
+
+
+def detect_plane(prefix: bytes) -> Plane | None:
+    """Classify a connection by its first bytes; ``None`` means more bytes are needed."""
+    for magic, plane in ((MAGIC, Plane.DATA), (GRPC_PREFACE, Plane.GRPC)):
+        n = min(len(prefix), len(magic))
+        if prefix[:n] == magic[:n]:
+            return plane if len(prefix) >= len(magic) else None
+    return Plane.UNKNOWN
+
+
+@dataclass(frozen=True, slots=True)
+class Request:
+    """One parsed request line."""
+
+    verb: Verb
+    arg: str
+    fields: dict[str, str] = field(default_factory=dict)
+
+    def encode(self) -> bytes:
+        """Serialise to one wire line (inverse of parsing)."""
+        return encode_request(self.verb, self.arg, self.fields)
+
+
+@dataclass(frozen=True, slots=True)
+class Reply:
+    """One parsed reply line."""
+
+    code: Code
+    reason: str = ""
+
+    @property
+    def ok(self) -> bool:
+        return self.code is Code.OK
+
+    def encode(self) -> bytes:
+        return encode_reply(self.code, self.reason)
+
+
+class _NeedData:
+    __slots__ = ()
+
+    def __repr__(self) -> str:
+        return "NEED_DATA"
+
+
+NEED_DATA = _NeedData()
+
+# Tokens are printable ASCII without spaces; values of fields likewise.
+_TOKEN = re.compile(rb"[\x21-\x7e]{1,512}")
+_FIELD_KEY = re.compile(r"[a-z][a-z0-9_-]{0,31}")
+_VERSION = re.compile(rb"HN/([0-9]{1,3})")
+
+
+def encode_request(verb: Verb, arg: str, fields: dict[str, str] | None = None) -> bytes:
+    """Build one request line; raises ValueError on values the parser would refuse."""
+    parts = [f"HN/{VERSION}", verb.value, arg]
+    for key, value in (fields or {}).items():
+        if not _FIELD_KEY.fullmatch(key):
+            raise ValueError(f"bad field name {key!r}")
+        parts.append(f"{key}={value}")
+    line = " ".join(parts).encode("ascii") + b"\n"
+    if len(line) > MAX_LINE or any(not _TOKEN.fullmatch(p.encode("ascii")) for p in parts):
+        raise ValueError("request does not fit protocol limits")
+    return line
+
+
+def encode_reply(code: Code, reason: str = "") -> bytes:
+    """Build one reply line; the reason is made printable and cut to fit."""
+    clean = "".join(ch if " " <= ch <= "~" else "?" for ch in reason)
+    head = f"HN/{VERSION} {int(code)} {code.slug}"
+    line = f"{head} {clean}" if clean else head
+    return line.encode("ascii")[: MAX_LINE - 1] + b"\n"
+
+
+class _LineReader:
+    """Buffers bytes until one newline-terminated line of at most MAX_LINE bytes."""
+
+    def __init__(self, what: str, max_line: int) -> None:
+        self._buf = bytearray()
+        self._what = what
+        self._max = max_line
+        self._eof = False
+
+    def receive_data(self, data: bytes) -> None:
+        if self._eof and data:
+            raise RuntimeError("data after EOF")  # local bug: the caller fed past EOF
+        if not data:
+            self._eof = True
+        self._buf += data
+
+    def take_line(self) -> bytes | None:
+        nl = self._buf.find(b"\n", 0, self._max)
+        if nl < 0:
+            if len(self._buf) >= self._max:
+                raise ProtocolError(Code.TOO_LARGE, f"{self._what} longer than {self._max} bytes")
+            if self._eof:
+                what = "connection closed" if not self._buf else f"truncated {self._what}"
+                raise ProtocolError(Code.BAD_REQUEST, what)
+            return None
+        line = bytes(self._buf[:nl])
+        del self._buf[: nl + 1]
+        return line[:-1] if line.endswith(b"\r") else line
+
+    def trailing(self) -> bytes:
+        out = bytes(self._buf)
+        self._buf.clear()
+        return out
+
+
+def _split_version(line: bytes, what: str) -> list[bytes]:
+    if b"\x00" in line:
+        raise ProtocolError(Code.BAD_REQUEST, f"NUL byte in {what}")
+    parts = line.split(b" ")
+    m = _VERSION.fullmatch(parts[0])
+    if m is None:
+        raise ProtocolError(Code.BAD_REQUEST, f"{what} does not start with HN/<version>")
+    if int(m.group(1)) != VERSION:
+        raise ProtocolError(
+            Code.VERSION_NOT_SUPPORTED, f"protocol version {int(m.group(1))} not supported (speak HN/{VERSION})"
+        )
+    if any(not _TOKEN.fullmatch(p) for p in parts):
+        raise ProtocolError(Code.BAD_REQUEST, f"{what} has empty or non-printable fields")
+    return parts
+
+
+class RequestParser:
+    """Parses the requests a client sends, one per hop; sans-IO.
+
+    Feed bytes with :meth:`receive_data`, then call :meth:`next_event` until it returns
+    ``NEED_DATA``. After a :class:`Request`, :meth:`trailing` returns the bytes that followed it.
+    """
+
+    def __init__(self, max_line: int = MAX_LINE) -> None:
+        self._lines = _LineReader("request line", max_line)
+
+    def receive_data(self, data: bytes) -> None:
+        self._lines.receive_data(data)
+
+    def next_event(self) -> Request | _NeedData:
+        line = self._lines.take_line()
+        if line is None:
+            return NEED_DATA
+        return parse_request_line(line)
+
+    def trailing(self) -> bytes:
+        """Bytes received after the last request returned (they belong to the next hop)."""
+        return self._lines.trailing()
+
+
+def parse_request_line(line: bytes) -> Request:
+    """Parse one request line (without its terminator)."""
+    parts = _split_version(line, "request")
+    if len(parts) < 3:
+        raise ProtocolError(Code.BAD_REQUEST, "request needs HN/1 VERB ARGUMENT")
+    try:
+        verb = Verb(parts[1].decode("ascii"))
+    except ValueError:
+        raise ProtocolError(Code.BAD_REQUEST, f"unknown verb {parts[1][:32].decode('ascii')!r}") from None
+    extra = parts[3:]
+    if len(extra) > MAX_FIELDS:
+        raise ProtocolError(Code.BAD_REQUEST, f"more than {MAX_FIELDS} fields")
+    fields: dict[str, str] = {}
+    for item in extra:
+        key, sep, value = item.decode("ascii").partition("=")
+        if not sep or not _FIELD_KEY.fullmatch(key) or key in fields:
+            raise ProtocolError(Code.BAD_REQUEST, f"bad field {item[:40].decode('ascii')!r}")
+        fields[key] = value
+    return Request(verb, parts[2].decode("ascii"), fields)
+
+
+class ReplyParser:
+    """Parses the replies a node sends, one per request; sans-IO (client side)."""
+
+    def __init__(self, max_line: int = MAX_LINE) -> None:
+        self._lines = _LineReader("reply line", max_line)
+
+    def receive_data(self, data: bytes) -> None:
+        self._lines.receive_data(data)
+
+    def next_event(self) -> Reply | _NeedData:
+        line = self._lines.take_line()
+        if line is None:
+            return NEED_DATA
+        return parse_reply_line(line)
+
+    def trailing(self) -> bytes:
+        """Bytes received after the last reply (the target's first bytes)."""
+        return self._lines.trailing()
+
+
+def parse_reply_line(line: bytes) -> Reply:
+    """Parse one reply line (without its terminator)."""
+    parts = line.split(b" ", 3)  # HN/1, code, name, free-text reason
+    if len(parts) < 3:
+        raise ProtocolError(Code.BAD_REQUEST, "reply needs HN/1 CODE NAME")
+    _split_version(b" ".join(parts[:3]), "reply")
+    try:
+        code = Code(int(parts[1]))
+    except ValueError:
+        raise ProtocolError(Code.BAD_REQUEST, f"unknown reply code {parts[1][:8].decode('ascii')}") from None
+    if _SLUGS.get(parts[2].decode("ascii")) is not code:
+        raise ProtocolError(Code.BAD_REQUEST, f"reply code {int(code)} with wrong name")
+    reason = parts[3] if len(parts) == 4 else b""
+    if not all(0x20 <= b <= 0x7E for b in reason):
+        raise ProtocolError(Code.BAD_REQUEST, "non-printable reply reason")
+    return Reply(code, reason.decode("ascii"))

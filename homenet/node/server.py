@@ -1,0 +1,384 @@
+"""The node's one port: accept, tell the planes apart, route data-plane requests, splice.
+
+One :class:`Node` owns the listening socket and every connection's life:
+preamble -> route -> dial -> reply -> splice -> counters. gRPC connections (HTTP/2 preface)
+are spliced to the in-process control server at ``control_endpoint``; the node itself never
+imports gRPC.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import socket
+import time
+from ipaddress import ip_address
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+
+from homenet.node.address import AddressError, Endpoint, ListenId, parse_hop
+from homenet.node.dialer import Dialed, Dialer, DialError, connect, tune
+from homenet.node.log import fields
+from homenet.node.policy import TargetPolicy, normalise
+from homenet.node.preamble import (
+    NEED_DATA,
+    Code,
+    Plane,
+    ProtocolError,
+    Request,
+    RequestParser,
+    Verb,
+    detect_plane,
+    encode_reply,
+)
+from homenet.node.settings import Settings
+from homenet.node.splice import CarrierPool, Splice, is_disconnect
+
+log = logging.getLogger("homenet.node")
+
+_RECV = 65536
+_ACCEPT_BURST = 128
+
+#: Resolves a listenId hop to a connected socket (Remote Listen plugs in here).
+ListenerRoute = Callable[["Handshake", ListenId], Awaitable[socket.socket]]
+
+
+class RouteError(Exception):
+    """A request the node answers with an error reply (``code``, one-line ``reason``)."""
+
+    def __init__(self, code: Code, reason: str) -> None:
+        super().__init__(reason)
+        self.code = code
+        self.reason = reason
+
+
+@dataclass(slots=True)
+class Handshake:
+    """What the node knows of a connection before it is spliced."""
+
+    sock: socket.socket
+    peer: str
+    request: Request | None = None
+    trailing: bytes = b""
+
+
+@dataclass(slots=True)
+class SessionInfo:
+    """A spliced data-plane session, as the operator sees it."""
+
+    id: int
+    client: str
+    target: str
+    dialed: str
+    since: float
+    splice: Splice = field(repr=False)
+
+    @property
+    def bytes_up(self) -> int:
+        return self.splice.bytes_up
+
+    @property
+    def bytes_down(self) -> int:
+        return self.splice.bytes_down
+
+
+@dataclass(slots=True)
+class Counters:
+    """Totals of sessions that already ended, plus refusals."""
+
+    sessions: int = 0
+    refused: int = 0
+    bytes_up: int = 0
+    bytes_down: int = 0
+
+
+def _peer_str(addr: tuple[object, ...] | str) -> str:
+    if isinstance(addr, tuple) and len(addr) >= 2:
+        host = str(addr[0])
+        return f"[{host}]:{addr[1]}" if ":" in host else f"{host}:{addr[1]}"
+    return str(addr) or "local"
+
+
+class Node:
+    """One HomeNet node listening on one TCP port for both planes."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        control_endpoint: tuple[str, int] | None = None,
+        dialer: Dialer | None = None,
+        pool: CarrierPool | None = None,
+    ) -> None:
+        self.settings = settings
+        self.control_endpoint = control_endpoint
+        self.policy = TargetPolicy.from_specs(settings.allow)
+        self.dialer = dialer or Dialer(self.policy, timeout=settings.dial_timeout)
+        self.pool = pool or CarrierPool()
+        self.listener_route: ListenerRoute | None = None
+        self.counters = Counters()
+        self.sessions: dict[int, SessionInfo] = {}
+        self.started = time.time()
+        self.state = "starting"
+        self._ids = itertools.count(1)
+        self._lsock: socket.socket | None = None
+        self._address: Endpoint | None = None
+        self._handshakes: set[asyncio.Task[None]] = set()
+        self._control: set[Splice] = set()
+        self._control_peers: dict[int, str] = {}
+        self._idle = asyncio.Event()
+        self._idle.set()
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    # -- lifecycle ---------------------------------------------------------------------------
+    async def start(self) -> None:
+        """Bind and start accepting; :attr:`address` is known when this returns."""
+        self._loop = asyncio.get_running_loop()
+        infos = await self._loop.getaddrinfo(
+            self.settings.bind, self.settings.port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+        )
+        family, _, _, _, sockaddr = infos[0]
+        lsock = socket.socket(family, socket.SOCK_STREAM)
+        try:
+            lsock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if family == socket.AF_INET6:
+                lsock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+            lsock.bind(sockaddr)
+            lsock.listen(4096)
+            lsock.setblocking(False)
+        except OSError:
+            lsock.close()
+            raise
+        self._lsock = lsock
+        host, port = lsock.getsockname()[:2]
+        self._address = Endpoint(str(host), int(port))
+        if self.dialer.policy is self.policy:  # never dial our own listener
+            self.policy = self.policy.with_own(normalise(ip_address(host)), port)
+            self.dialer.policy = self.policy
+        self._loop.add_reader(lsock.fileno(), self._on_accept)
+        self.started = time.time()
+        self.state = "serving"
+        log.info("node.listening", extra=fields(address=self.url, name=self.settings.name))
+
+    @property
+    def address(self) -> Endpoint:
+        """Where the node listens (known once :meth:`start` returned)."""
+        assert self._address is not None, "node not started"
+        return self._address
+
+    @property
+    def url(self) -> str:
+        return f"hn://{self.address}"
+
+    def stop_accepting(self) -> None:
+        """Close the listening socket; handshakes in progress still finish."""
+        if self._lsock is not None and self._loop is not None:
+            self._loop.remove_reader(self._lsock.fileno())
+            self._lsock.close()
+            self._lsock = None
+        self.state = "draining"
+
+    async def drain(self, grace: float) -> None:
+        """Wait up to ``grace`` seconds for data-plane sessions to end, then close the rest."""
+        try:
+            async with asyncio.timeout(grace):
+                while self._handshakes:
+                    await asyncio.wait(set(self._handshakes))
+                await self._idle.wait()
+        except TimeoutError:
+            log.warning("node.drain_timeout", extra=fields(open_sessions=len(self.sessions)))
+        for task in list(self._handshakes):
+            task.cancel()
+        for info in list(self.sessions.values()):
+            info.splice.abort("node shutting down")
+
+    async def close(self) -> None:
+        """Close everything now (control connections included) and free the carriers."""
+        if self.state != "draining":
+            self.stop_accepting()
+        for task in list(self._handshakes):
+            task.cancel()
+        if self._handshakes:
+            await asyncio.wait(set(self._handshakes), timeout=1.0)
+        for info in list(self.sessions.values()):
+            info.splice.abort("node closed")
+        for sp in list(self._control):
+            sp.abort("node closed")
+        self.pool.close()
+        self.state = "stopped"
+
+    # -- accounting --------------------------------------------------------------------------
+    @property
+    def totals(self) -> Counters:
+        """Counters including the sessions still open."""
+        live = list(self.sessions.values())
+        return Counters(
+            sessions=self.counters.sessions + len(live),
+            refused=self.counters.refused,
+            bytes_up=self.counters.bytes_up + sum(s.bytes_up for s in live),
+            bytes_down=self.counters.bytes_down + sum(s.bytes_down for s in live),
+        )
+
+    def control_peer(self, local_port: int) -> str | None:
+        """The real client of a gRPC connection, by the port it reaches the control server from."""
+        return self._control_peers.get(local_port)
+
+    # -- accept ------------------------------------------------------------------------------
+    def _on_accept(self) -> None:
+        assert self._lsock is not None and self._loop is not None
+        for _ in range(_ACCEPT_BURST):
+            try:
+                sock, addr = self._lsock.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as exc:  # EMFILE and friends: keep serving what we have
+                log.warning("node.accept_failed", extra=fields(error=str(exc)))
+                return
+            if len(self._handshakes) >= self.settings.max_handshakes:
+                self.counters.refused += 1
+                sock.close()
+                continue
+            tune(sock)
+            task = self._loop.create_task(self._handshake(Handshake(sock, _peer_str(addr))))
+            self._handshakes.add(task)
+            task.add_done_callback(self._handshakes.discard)
+
+    async def _handshake(self, hs: Handshake) -> None:
+        loop = asyncio.get_running_loop()
+        spliced = False
+        try:
+            async with asyncio.timeout(self.settings.handshake_timeout):
+                buf = b""
+                while (plane := detect_plane(buf)) is None:
+                    chunk = await loop.sock_recv(hs.sock, _RECV)
+                    if not chunk:
+                        return
+                    buf += chunk
+                if plane is Plane.GRPC:
+                    spliced = await self._to_control(hs, buf)
+                    return
+                if plane is Plane.UNKNOWN:
+                    raise ProtocolError(Code.BAD_REQUEST, "not a HomeNet client (expected HN/1 or gRPC)")
+                parser = RequestParser()
+                parser.receive_data(buf)
+                while (event := parser.next_event()) is NEED_DATA:
+                    parser.receive_data(await loop.sock_recv(hs.sock, _RECV))
+                assert isinstance(event, Request)
+                hs.request, hs.trailing = event, parser.trailing()
+            spliced = await self._route(hs)
+        except ProtocolError as exc:
+            await self._refuse(hs, exc.code, exc.reason)
+        except RouteError as exc:
+            await self._refuse(hs, exc.code, exc.reason)
+        except TimeoutError:
+            await self._refuse(hs, Code.TIMEOUT, f"no complete preamble within {self.settings.handshake_timeout:g}s")
+        except OSError as exc:
+            log.debug("handshake.io_error", extra=fields(peer=hs.peer, error=str(exc)))
+        finally:
+            if not spliced:
+                hs.sock.close()
+
+    async def _refuse(self, hs: Handshake, code: Code, reason: str) -> None:
+        self.counters.refused += 1
+        log.info("session.refused", extra=fields(peer=hs.peer, code=int(code), reason=reason))
+        try:
+            hs.sock.send(encode_reply(code, reason))  # one line, best effort: never wait on it
+        except OSError:
+            pass
+
+    # -- routing -----------------------------------------------------------------------------
+    async def _route(self, hs: Handshake) -> bool:
+        """Serve one request; True when the socket now belongs to a splice."""
+        req = hs.request
+        assert req is not None
+        if self.state != "serving":
+            raise RouteError(Code.UNAVAILABLE, "node is shutting down; retry on another node")
+        if req.verb is not Verb.CONNECT:
+            raise RouteError(Code.BAD_REQUEST, f"{req.verb.value} is not accepted here")
+        if len(self.sessions) >= self.settings.max_sessions:
+            raise RouteError(Code.TOO_MANY, f"node at its limit of {self.settings.max_sessions} sessions")
+        try:
+            hop = parse_hop(req.arg)
+        except AddressError as exc:
+            raise RouteError(Code.BAD_REQUEST, str(exc)) from None
+        if isinstance(hop, ListenId):
+            if self.listener_route is None:
+                raise RouteError(Code.NOT_FOUND, f"no listener {hop} on this node")
+            target = await self.listener_route(hs, hop)
+            dialed = str(hop)
+        else:
+            try:
+                d: Dialed = await self.dialer.dial(hop)
+            except DialError as exc:
+                raise RouteError(exc.code, exc.reason) from None
+            target, dialed = d.sock, str(d)
+        return await self.splice_session(hs, target, req.arg, dialed)
+
+    async def splice_session(self, hs: Handshake, target: socket.socket, name: str, dialed: str) -> bool:
+        """Reply OK, hand over the client's pipelined bytes, and splice client <-> target."""
+        loop = asyncio.get_running_loop()
+        try:
+            await loop.sock_sendall(hs.sock, encode_reply(Code.OK))
+            if hs.trailing:
+                await loop.sock_sendall(target, hs.trailing)
+        except OSError:
+            target.close()
+            raise
+        info = SessionInfo(next(self._ids), hs.peer, name, dialed, time.time(), splice=None)  # type: ignore[arg-type]
+        sp = Splice(
+            hs.sock,
+            target,
+            self.pool,
+            idle_timeout=self.settings.idle_timeout or None,
+            on_close=lambda s, exc: self._session_closed(info, exc),
+        )
+        sp.up.bytes = len(hs.trailing)  # pipelined payload already delivered above
+        info.splice = sp
+        self.sessions[info.id] = info
+        self._idle.clear()
+        sp.start()
+        log.debug("session.open", extra=fields(id=info.id, client=hs.peer, target=name, dialed=dialed))
+        return True
+
+    def _session_closed(self, info: SessionInfo, exc: BaseException | None) -> None:
+        self.sessions.pop(info.id, None)
+        c = self.counters
+        c.sessions += 1
+        c.bytes_up += info.bytes_up
+        c.bytes_down += info.bytes_down
+        if not self.sessions:
+            self._idle.set()
+        level = logging.DEBUG if exc is None or is_disconnect(exc) else logging.INFO
+        log.log(
+            level,
+            "session.close",
+            extra=fields(
+                id=info.id, target=info.target, up=info.bytes_up, down=info.bytes_down,
+                seconds=round(time.time() - info.since, 3), error=str(exc) if exc else None,
+            ),  # fmt: skip
+        )
+
+    # -- control plane -----------------------------------------------------------------------
+    async def _to_control(self, hs: Handshake, first: bytes) -> bool:
+        if self.control_endpoint is None:
+            raise ProtocolError(Code.NOT_FOUND, "this node serves no control plane")
+        host, port = self.control_endpoint
+        target = await connect(ip_address(host), port, self.settings.dial_timeout)
+        local_port = int(target.getsockname()[1])
+        self._control_peers[local_port] = hs.peer
+        try:
+            await asyncio.get_running_loop().sock_sendall(target, first)
+        except OSError:
+            target.close()
+            self._control_peers.pop(local_port, None)
+            raise
+
+        def closed(sp: Splice, exc: BaseException | None) -> None:
+            self._control.discard(sp)
+            self._control_peers.pop(local_port, None)
+
+        sp = Splice(hs.sock, target, self.pool, on_close=closed)
+        self._control.add(sp)
+        sp.start()
+        return True

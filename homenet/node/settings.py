@@ -1,0 +1,169 @@
+"""One typed settings object for a node, built once from file, environment and flags.
+
+Precedence: command-line flags > ``HOMENET_*`` environment variables > TOML config file >
+defaults. Every value is validated on construction; a bad one raises :class:`SettingsError`
+with a one-line message naming where it came from.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import socket
+import tomllib
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from homenet.node.address import DEFAULT_PORT, AddressError, parse_endpoint, parse_url
+
+
+class SettingsError(ValueError):
+    """A setting with a bad value; the message names the setting and its source."""
+
+
+def _default_state_dir() -> str:
+    base = os.environ.get("XDG_STATE_HOME") or str(Path.home() / ".local" / "state")
+    return str(Path(base) / "homenet")
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Everything a node needs to run; immutable once built."""
+
+    bind: str = "0.0.0.0"
+    port: int = DEFAULT_PORT
+    name: str = field(default_factory=lambda: socket.gethostname().split(".")[0] or "homenet")
+    rl: tuple[str, ...] = ()
+    listen_id: str | None = None
+    allow: tuple[str, ...] = ()
+    mdns: bool = True
+    state_dir: str = field(default_factory=_default_state_dir)
+    log_level: str = "info"
+    log_format: str = "text"
+    #: Seconds a client has to send its preamble (and a gRPC client its preface).
+    handshake_timeout: float = 5.0
+    #: Seconds to resolve and connect to a target.
+    dial_timeout: float = 10.0
+    #: Seconds without a byte either way before a session is closed (0: never).
+    idle_timeout: float = 3600.0
+    #: Seconds SIGTERM waits for sessions to finish before closing them.
+    drain_grace: float = 10.0
+    #: Spliced sessions at once; more get ``429 too-many``.
+    max_sessions: int = 20000
+    #: Connections still in their handshake at once; more are closed at accept.
+    max_handshakes: int = 256
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.port <= 65535:
+            raise SettingsError(f"port {self.port} out of range 0-65535")
+        try:
+            parse_endpoint(f"[{self.bind}]:1" if ":" in self.bind else f"{self.bind}:1")
+        except AddressError:
+            raise SettingsError(f"bind {self.bind!r} is not an IP address or hostname") from None
+        for url in self.rl:
+            try:
+                parse_url(url)
+            except AddressError as exc:
+                raise SettingsError(f"rl: {exc}") from None
+        if self.log_level not in ("debug", "info", "warning", "error"):
+            raise SettingsError(f"log_level {self.log_level!r}: expected debug, info, warning or error")
+        if self.log_format not in ("text", "json"):
+            raise SettingsError(f"log_format {self.log_format!r}: expected text or json")
+        for name in ("handshake_timeout", "dial_timeout", "drain_grace"):
+            if getattr(self, name) <= 0:
+                raise SettingsError(f"{name} must be > 0")
+        if self.idle_timeout < 0:
+            raise SettingsError("idle_timeout must be >= 0 (0 disables it)")
+        if self.max_sessions < 1 or self.max_handshakes < 1:
+            raise SettingsError("max_sessions and max_handshakes must be >= 1")
+
+    def replace(self, **changes: Any) -> Settings:
+        return dataclasses.replace(self, **changes)
+
+
+def _to_bool(text: str) -> bool:
+    low = text.strip().lower()
+    if low in ("1", "true", "yes", "on"):
+        return True
+    if low in ("0", "false", "no", "off"):
+        return False
+    raise ValueError(f"expected true or false, got {text!r}")
+
+
+def _to_list(text: str) -> tuple[str, ...]:
+    return tuple(p for p in text.replace(",", " ").split() if p)
+
+
+def _converter(f: dataclasses.Field[Any]) -> Callable[[str], Any]:
+    kind = str(f.type)
+    if kind == "bool":
+        return _to_bool
+    if kind == "int":
+        return int
+    if kind == "float":
+        return float
+    if kind.startswith("tuple"):
+        return _to_list
+    return str
+
+
+def _coerce(f: dataclasses.Field[Any], value: Any, source: str) -> Any:
+    """Turn a file or env value into the field's type, naming the source on failure."""
+    kind = str(f.type)
+    try:
+        if isinstance(value, str):
+            return _converter(f)(value)
+        if kind.startswith("tuple") and isinstance(value, list) and all(isinstance(v, str) for v in value):
+            return tuple(value)
+        if kind == "float" and isinstance(value, int | float) and not isinstance(value, bool):
+            return float(value)
+        if kind == "int" and isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if kind == "bool" and isinstance(value, bool):
+            return value
+    except ValueError as exc:
+        raise SettingsError(f"{source}: {exc}") from None
+    raise SettingsError(f"{source}: wrong type {type(value).__name__} for {f.name}")
+
+
+def load_settings(
+    flags: Mapping[str, Any] | None = None,
+    env: Mapping[str, str] | None = None,
+    config: str | None = None,
+) -> Settings:
+    """Build settings from a TOML file, ``HOMENET_*`` variables and flags (highest wins).
+
+    ``flags`` holds only the options the user gave (``None`` values are ignored).
+    The config file is ``config``, else ``HOMENET_CONFIG``, else none.
+    """
+    env = os.environ if env is None else env
+    by_name = {f.name: f for f in fields(Settings)}
+    values: dict[str, Any] = {}
+    path = config or env.get("HOMENET_CONFIG")
+    if path:
+        try:
+            with open(path, "rb") as fh:
+                table = tomllib.load(fh)
+        except OSError as exc:
+            raise SettingsError(f"cannot read config {path}: {exc.strerror}") from None
+        except tomllib.TOMLDecodeError as exc:
+            raise SettingsError(f"config {path} is not valid TOML: {exc}") from None
+        table = table.get("node", table)
+        for key, value in table.items():
+            name = key.replace("-", "_")
+            if name not in by_name:
+                raise SettingsError(f"config {path}: unknown setting {key!r}")
+            values[name] = _coerce(by_name[name], value, f"config {path}: {key}")
+    for name, f in by_name.items():
+        var = f"HOMENET_{name.upper()}"
+        if var in env:
+            values[name] = _coerce(f, env[var], var)
+    for name, value in (flags or {}).items():
+        if value is not None:
+            values[name] = value
+    try:
+        return Settings(**values)
+    except TypeError as exc:
+        raise SettingsError(str(exc)) from None
