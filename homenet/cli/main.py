@@ -70,9 +70,20 @@ def _cmd_node(args: argparse.Namespace) -> int:
     flags: dict[str, Any] = {
         k: getattr(args, k)
         for k in (
-            "bind", "port", "name", "listen_id", "mdns", "state_dir", "log_level", "log_format",
-            "handshake_timeout", "dial_timeout", "idle_timeout", "drain_grace", "max_sessions",
-        )  # fmt: skip
+            "bind",
+            "port",
+            "name",
+            "listen_id",
+            "mdns",
+            "state_dir",
+            "log_level",
+            "log_format",
+            "handshake_timeout",
+            "dial_timeout",
+            "idle_timeout",
+            "drain_grace",
+            "max_sessions",
+        )
     }
     flags["rl"] = tuple(args.rl) if args.rl else None
     flags["allow"] = tuple(args.allow) if args.allow else None

@@ -38,8 +38,8 @@ async def run_node(settings: Settings, announce: Callable[[str], None], stop: as
     try:
         await stop.wait()
         log.info("node.stopping", extra=fields(sessions=len(node.sessions), grace=settings.drain_grace))
-        for sig in (signal.SIGTERM, signal.SIGINT):  # a second signal stops at once
-            loop.add_signal_handler(sig, lambda: [s.abort("second signal") for s in list(node.sessions.values())])
+        for sig in (signal.SIGTERM, signal.SIGINT):  # a second signal cuts the drain short
+            loop.add_signal_handler(sig, node.abort_sessions)
         await control.not_serving()
         node.stop_accepting()
         await asyncio.gather(node.drain(settings.drain_grace), control.stop(settings.drain_grace))

@@ -41,7 +41,7 @@ class ControlClient:
     async def __aexit__(
         self, et: type[BaseException] | None, ev: BaseException | None, tb: TracebackType | None
     ) -> None:
-        await self.channel.close()
+        await self.channel.close(None)
 
     async def status(self) -> node_pb2.NodeStatus:
         try:

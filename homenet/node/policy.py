@@ -106,9 +106,7 @@ class TargetPolicy:
     own: tuple[tuple[IPAddress, int], ...] = ()
 
     @classmethod
-    def from_specs(
-        cls, specs: Sequence[str], lan: Callable[[], Iterable[IPNetwork]] = lan_networks
-    ) -> TargetPolicy:
+    def from_specs(cls, specs: Sequence[str], lan: Callable[[], Iterable[IPNetwork]] = lan_networks) -> TargetPolicy:
         rules: list[IPNetwork] = []
         for spec in specs:
             rules.extend(parse_rule(spec, lan))

@@ -9,13 +9,14 @@ imports gRPC.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import logging
 import socket
 import time
-from ipaddress import ip_address
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from ipaddress import ip_address
 
 from homenet.node.address import AddressError, Endpoint, ListenId, parse_hop
 from homenet.node.dialer import Dialed, Dialer, DialError, connect, tune
@@ -190,8 +191,12 @@ class Node:
             log.warning("node.drain_timeout", extra=fields(open_sessions=len(self.sessions)))
         for task in list(self._handshakes):
             task.cancel()
+        self.abort_sessions()
+
+    def abort_sessions(self, reason: str = "node shutting down") -> None:
+        """Close every data-plane session now."""
         for info in list(self.sessions.values()):
-            info.splice.abort("node shutting down")
+            info.splice.abort(reason)
 
     async def close(self) -> None:
         """Close everything now (control connections included) and free the carriers."""
@@ -201,8 +206,7 @@ class Node:
             task.cancel()
         if self._handshakes:
             await asyncio.wait(set(self._handshakes), timeout=1.0)
-        for info in list(self.sessions.values()):
-            info.splice.abort("node closed")
+        self.abort_sessions("node closed")
         for sp in list(self._control):
             sp.abort("node closed")
         self.pool.close()
@@ -226,7 +230,8 @@ class Node:
 
     # -- accept ------------------------------------------------------------------------------
     def _on_accept(self) -> None:
-        assert self._lsock is not None and self._loop is not None
+        assert self._lsock is not None
+        assert self._loop is not None
         for _ in range(_ACCEPT_BURST):
             try:
                 sock, addr = self._lsock.accept()
@@ -268,24 +273,22 @@ class Node:
                 hs.request, hs.trailing = event, parser.trailing()
             spliced = await self._route(hs)
         except ProtocolError as exc:
-            await self._refuse(hs, exc.code, exc.reason)
+            self._refuse(hs, exc.code, exc.reason)
         except RouteError as exc:
-            await self._refuse(hs, exc.code, exc.reason)
+            self._refuse(hs, exc.code, exc.reason)
         except TimeoutError:
-            await self._refuse(hs, Code.TIMEOUT, f"no complete preamble within {self.settings.handshake_timeout:g}s")
+            self._refuse(hs, Code.TIMEOUT, f"no complete preamble within {self.settings.handshake_timeout:g}s")
         except OSError as exc:
             log.debug("handshake.io_error", extra=fields(peer=hs.peer, error=str(exc)))
         finally:
             if not spliced:
                 hs.sock.close()
 
-    async def _refuse(self, hs: Handshake, code: Code, reason: str) -> None:
+    def _refuse(self, hs: Handshake, code: Code, reason: str) -> None:
         self.counters.refused += 1
         log.info("session.refused", extra=fields(peer=hs.peer, code=int(code), reason=reason))
-        try:
+        with contextlib.suppress(OSError):
             hs.sock.send(encode_reply(code, reason))  # one line, best effort: never wait on it
-        except OSError:
-            pass
 
     # -- routing -----------------------------------------------------------------------------
     async def _route(self, hs: Handshake) -> bool:
@@ -354,9 +357,13 @@ class Node:
             level,
             "session.close",
             extra=fields(
-                id=info.id, target=info.target, up=info.bytes_up, down=info.bytes_down,
-                seconds=round(time.time() - info.since, 3), error=str(exc) if exc else None,
-            ),  # fmt: skip
+                id=info.id,
+                target=info.target,
+                up=info.bytes_up,
+                down=info.bytes_down,
+                seconds=round(time.time() - info.since, 3),
+                error=str(exc) if exc else None,
+            ),
         )
 
     # -- control plane -----------------------------------------------------------------------

@@ -18,6 +18,7 @@ sockets are closed at once), on idle timeout, or on :meth:`Splice.abort`.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import errno
 import fcntl
 import os
@@ -38,7 +39,7 @@ _SPLICE_FLAGS = (os.SPLICE_F_MOVE | os.SPLICE_F_NONBLOCK) if HAVE_SPLICE else 0
 class _Pipe:
     """A kernel pipe used as a splice carrier."""
 
-    __slots__ = ("r", "w", "size")
+    __slots__ = ("r", "size", "w")
 
     def __init__(self) -> None:
         self.r, self.w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
@@ -86,8 +87,20 @@ class _Direction:
     """Moves bytes from ``src`` to ``dst`` until EOF or error."""
 
     __slots__ = (
-        "splice", "loop", "src", "dst", "sfd", "dfd", "carrier", "pending", "offset",
-        "bytes", "done", "eof", "reading", "writing",
+        "bytes",
+        "carrier",
+        "dfd",
+        "done",
+        "dst",
+        "eof",
+        "loop",
+        "offset",
+        "pending",
+        "reading",
+        "sfd",
+        "splice",
+        "src",
+        "writing",
     )  # fmt: skip
 
     def __init__(self, sp: Splice, src: socket.socket, dst: socket.socket) -> None:
@@ -206,10 +219,8 @@ class _Direction:
             return
         self.done = True
         self.release()
-        try:
+        with contextlib.suppress(OSError):
             self.dst.shutdown(socket.SHUT_WR)
-        except OSError:
-            pass
         self.splice.direction_done()
 
 
@@ -287,10 +298,8 @@ class Splice:
         self.down.stop_io()
         if exc is not None:
             for s in (self.a, self.b):  # an error on one side: reset, don't linger
-                try:
+                with contextlib.suppress(OSError):
                     s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RESET)
-                except OSError:
-                    pass
         self.a.close()
         self.b.close()
         self.closed.set_result(exc)
