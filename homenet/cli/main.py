@@ -8,7 +8,7 @@ from typing import Any
 
 from homenet import __version__
 from homenet.cli.common import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE, fail, raise_nofile, run
-from homenet.node.address import AddressError, parse_url
+from homenet.node.address import AddressError, parse_endpoint, parse_url
 from homenet.node.client import RouteFailed
 from homenet.node.log import configure
 from homenet.node.settings import SettingsError, load_settings
@@ -43,6 +43,21 @@ def _parser() -> argparse.ArgumentParser:
     node.add_argument("--idle-timeout", type=float, metavar="SECONDS", help="0 disables")
     node.add_argument("--drain-grace", type=float, metavar="SECONDS")
     node.add_argument("--max-sessions", type=int)
+    node.add_argument("--pool-size", type=int, metavar="N", help="warm connections parked at each relay (default 4)")
+    node.add_argument("--ping-interval", type=float, metavar="SECONDS", help="relay role: ping listeners every N s")
+
+    rl = sub.add_parser(
+        "rl", help="remote-listen on a relay and forward every client to one target",
+        description="Remote-listen on RELAY; every client of hn://RELAY/LISTENID is forwarded to --to HOST:PORT.",
+    )  # fmt: skip
+    rl.add_argument("url", metavar="URL", help="hn://RELAY[:PORT][/HOP...]")
+    rl.add_argument("--to", required=True, metavar="HOST:PORT", help="the one target every client reaches")
+    rl.add_argument("--listen-id", help="listenId to claim (default: the one kept from last time, or random)")
+    rl.add_argument("--pool-size", type=int, metavar="N", help="warm connections parked at the relay (default 4)")
+    rl.add_argument("--state-dir", help="where the listenId and its resumption secret are kept")
+    rl.add_argument("--config", help="TOML config file")
+    rl.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
+    rl.add_argument("--log-format", choices=["text", "json"])
 
     conn = sub.add_parser(
         "connect", help="netcat for HomeNet: stdin to the target, the target to stdout",
@@ -64,27 +79,16 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
-def _cmd_node(args: argparse.Namespace) -> int:
-    from homenet.control.app import run_node
+_NODE_FLAGS = (
+    "bind", "port", "name", "listen_id", "mdns", "state_dir", "log_level", "log_format", "handshake_timeout",
+    "dial_timeout", "idle_timeout", "drain_grace", "max_sessions", "pool_size", "ping_interval",
+)  # fmt: skip
 
-    flags: dict[str, Any] = {
-        k: getattr(args, k)
-        for k in (
-            "bind",
-            "port",
-            "name",
-            "listen_id",
-            "mdns",
-            "state_dir",
-            "log_level",
-            "log_format",
-            "handshake_timeout",
-            "dial_timeout",
-            "idle_timeout",
-            "drain_grace",
-            "max_sessions",
-        )
-    }
+
+def _cmd_node(args: argparse.Namespace) -> int:
+    from homenet.control.app import Fatal, run_node
+
+    flags: dict[str, Any] = {k: getattr(args, k) for k in _NODE_FLAGS}
     flags["rl"] = tuple(args.rl) if args.rl else None
     flags["allow"] = tuple(args.allow) if args.allow else None
     try:
@@ -98,8 +102,32 @@ def _cmd_node(args: argparse.Namespace) -> int:
     raise_nofile()
     try:
         run(run_node(settings, _announce))
+    except Fatal as exc:
+        fail(str(exc))
     except OSError as exc:
         fail(f"cannot listen on {settings.bind}:{settings.port}: {exc.strerror or exc}", EXIT_FAILED)
+    return EXIT_OK
+
+
+def _cmd_rl(args: argparse.Namespace) -> int:
+    from homenet.control.app import Fatal, run_rl
+
+    try:
+        to = parse_endpoint(args.to)
+        parse_url(args.url)
+    except AddressError as exc:
+        fail(str(exc), EXIT_USAGE)
+    flags = {k: getattr(args, k) for k in ("listen_id", "pool_size", "state_dir", "log_level", "log_format")}
+    try:
+        settings = load_settings(flags, config=args.config)
+    except SettingsError as exc:
+        fail(str(exc), EXIT_USAGE)
+    configure(settings.log_level, settings.log_format)
+    raise_nofile()
+    try:
+        run(run_rl(settings, args.url, to, _announce))
+    except Fatal as exc:
+        fail(str(exc))
     return EXIT_OK
 
 
@@ -158,7 +186,7 @@ def _cmd_listen(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``homenet`` command."""
     args = _parser().parse_args(argv)
-    handler = {"node": _cmd_node, "connect": _cmd_connect, "listen": _cmd_listen}[args.command]
+    handler = {"node": _cmd_node, "rl": _cmd_rl, "connect": _cmd_connect, "listen": _cmd_listen}[args.command]
     try:
         return handler(args)
     except KeyboardInterrupt:

@@ -1,51 +1,150 @@
-"""Run a whole node: the core on the one port, the control server behind it, signals."""
+"""Run a whole node: the core on the one port, the control server behind it, Remote Listen
+clients, signals; and the one-service ``rl`` mode."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+import secrets
 import signal
+import socket
 from collections.abc import Callable
 
+from homenet.control.relay import RelayServicer
+from homenet.control.rl import Refused, RLClient, RLOptions
 from homenet.control.server import ControlServer
+from homenet.control.v1 import relay_pb2_grpc
+from homenet.node.address import Endpoint, parse_url
 from homenet.node.log import fields
+from homenet.node.relay import Relay, RelaySettings
+from homenet.node.remote import FixedTarget
 from homenet.node.server import Node
 from homenet.node.settings import Settings
 
 log = logging.getLogger("homenet.app")
+
+_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+
+class Fatal(Exception):
+    """The node cannot go on (e.g. a relay refused its listenId); one-line message."""
+
+
+def _rl_options(settings: Settings, url: str, node_id: str) -> RLOptions:
+    return RLOptions(
+        route=parse_url(url),
+        listen_id=settings.listen_id or "",
+        pool_size=settings.pool_size,
+        name=settings.name,
+        node_id=node_id,
+        state_dir=settings.state_dir,
+        backoff_max=settings.rl_backoff_max,
+        dial_timeout=settings.dial_timeout,
+    )
 
 
 async def run_node(settings: Settings, announce: Callable[[str], None], stop: asyncio.Event | None = None) -> None:
     """Serve until SIGTERM/SIGINT (or ``stop``), then shut down in order.
 
     Order: health NOT_SERVING, stop accepting, drain sessions up to the grace period while
-    the gRPC server finishes its calls, close what is left.
+    the gRPC server finishes its calls, close what is left. Raises :class:`Fatal` if a relay
+    refused the node's first registration.
     """
     loop = asyncio.get_running_loop()
     stop = stop or asyncio.Event()
     control = ControlServer()
     node = Node(settings)
+    relay = Relay(node, RelaySettings(ping_interval=settings.ping_interval, offline_hold=settings.offline_hold))
     control.add_node(node)
+    relay_pb2_grpc.add_RelayServiceServicer_to_server(RelayServicer(relay), control.server)
     node.control_endpoint = await control.start()
     try:
         await node.start()
     except BaseException:
         await control.stop(0)
         raise
-    for sig in (signal.SIGTERM, signal.SIGINT):
+    relay.start()
+    for sig in _SIGNALS:
         loop.add_signal_handler(sig, stop.set)
     announce(f"READY {node.url}")
+
+    async def serve(sock: socket.socket, desc: str, early: bytes, depth: int) -> None:
+        node.serve_accepted(sock, desc, early, depth)
+
+    failures: list[BaseException] = []
+    tasks = _run_clients([RLClient(_rl_options(settings, u, node.node_id), serve, announce) for u in settings.rl],
+                         stop, failures)  # fmt: skip
     try:
         await stop.wait()
         log.info("node.stopping", extra=fields(sessions=len(node.sessions), grace=settings.drain_grace))
-        for sig in (signal.SIGTERM, signal.SIGINT):  # a second signal cuts the drain short
+        for sig in _SIGNALS:  # a second signal cuts the drain short
             loop.add_signal_handler(sig, node.abort_sessions)
         await control.not_serving()
         node.stop_accepting()
+        await _cancel(tasks)
         await asyncio.gather(node.drain(settings.drain_grace), control.stop(settings.drain_grace))
     finally:
+        await _cancel(tasks)
+        await relay.close()
         await node.close()
         await control.stop(0)
-        for sig in (signal.SIGTERM, signal.SIGINT):
+        for sig in _SIGNALS:
             loop.remove_signal_handler(sig)
     log.info("node.stopped", extra=fields(sessions=node.totals.sessions))
+    if failures:
+        raise Fatal(str(failures[0]))
+
+
+def _run_clients(
+    clients: list[RLClient], stop: asyncio.Event, failures: list[BaseException]
+) -> list[asyncio.Task[None]]:
+    """Start RL clients; a refusal of the first registration stops the node."""
+
+    def done(task: asyncio.Task[None]) -> None:
+        if task.cancelled():
+            return
+        exc = task.exception()
+        if exc is not None:
+            if not isinstance(exc, Refused):
+                log.error("rl.crashed", exc_info=exc)
+            failures.append(exc)
+            stop.set()
+
+    tasks = []
+    for client in clients:
+        task = asyncio.ensure_future(client.run())
+        task.add_done_callback(done)
+        tasks.append(task)
+    return tasks
+
+
+async def _cancel(tasks: list[asyncio.Task[None]]) -> None:
+    for task in tasks:
+        task.cancel()
+    for task in tasks:
+        with contextlib.suppress(BaseException):
+            await task
+
+
+async def run_rl(
+    settings: Settings, url: str, to: Endpoint, announce: Callable[[str], None], stop: asyncio.Event | None = None
+) -> None:
+    """``homenet rl``: remote-listen on one relay and forward every client to ``to``."""
+    loop = asyncio.get_running_loop()
+    stop = stop or asyncio.Event()
+    for sig in _SIGNALS:
+        loop.add_signal_handler(sig, stop.set)
+    target = FixedTarget(to.host, to.port, settings.dial_timeout, settings.idle_timeout or None)
+    failures: list[BaseException] = []
+    client = RLClient(_rl_options(settings, url, secrets.token_hex(8)), target.serve, announce)
+    tasks = _run_clients([client], stop, failures)
+    try:
+        await stop.wait()
+    finally:
+        await _cancel(tasks)
+        target.close()
+        for sig in _SIGNALS:
+            loop.remove_signal_handler(sig)
+    if failures:
+        raise Fatal(str(failures[0]))

@@ -43,7 +43,7 @@ class NodeServicer(node_pb2_grpc.NodeServiceServicer):
             bytes_up=t.bytes_up,
             bytes_down=t.bytes_down,
             refused_sessions=t.refused,
-            listeners=0,
+            listeners=n.listener_count(),
             state=n.state,
         )
 

@@ -31,6 +31,9 @@ class Opened:
 
     sock: socket.socket
     early: bytes
+    #: The last reply read (the final request's, when one was given and awaited).
+    last: Reply | None = None
+    parser: ReplyParser | None = None
 
 
 async def dial_endpoint(ep: Endpoint, timeout: float) -> socket.socket:
@@ -60,28 +63,50 @@ def route_requests(route: Route) -> bytes:
     return b"".join(encode_request(Verb.CONNECT, str(hop)) for hop in route.hops)
 
 
-async def open_route(route: Route, *, first: bytes = b"", timeout: float = 10.0) -> Opened:
-    """Connect through every hop of ``route``; ``first`` is sent along with the requests."""
-    if not route.hops:
+async def next_reply(sock: socket.socket, parser: ReplyParser) -> Reply:
+    """Read until ``parser`` has the next reply (no deadline: callers set one)."""
+    loop = asyncio.get_running_loop()
+    while (event := parser.next_event()) is NEED_DATA:
+        parser.receive_data(await loop.sock_recv(sock, 65536))
+    assert isinstance(event, Reply)
+    return event
+
+
+async def open_route(
+    route: Route,
+    *,
+    first: bytes = b"",
+    timeout: float = 10.0,
+    final: bytes | None = None,
+    wait_final: bool = True,
+) -> Opened:
+    """Connect through every hop of ``route``; ``first`` is sent along with the requests.
+
+    ``final`` is one more request line for the last node (a listener's TICKET or POOL); its
+    reply is awaited too unless ``wait_final`` is False (the caller reads it later).
+    """
+    if not route.hops and final is None:
         raise RouteFailed(f"{route} names no target: add a hop, e.g. {route}/127.0.0.1:22")
     loop = asyncio.get_running_loop()
     sock = await dial_endpoint(route.entry, timeout)
+    parser = ReplyParser()
+    last: Reply | None = None
     try:
         async with asyncio.timeout(timeout):
-            await loop.sock_sendall(sock, route_requests(route) + first)
-            parser = ReplyParser()
-            for i, hop in enumerate(route.hops):
-                while (event := parser.next_event()) is NEED_DATA:
-                    parser.receive_data(await loop.sock_recv(sock, 65536))
-                assert isinstance(event, Reply)
-                if not event.ok:
+            await loop.sock_sendall(sock, route_requests(route) + (final or b"") + first)
+            names = [str(h) for h in route.hops]
+            if final is not None and wait_final:
+                names.append(final.split(b" ", 2)[1].decode().lower())
+            for i, name in enumerate(names):
+                last = await next_reply(sock, parser)
+                if not last.ok:
                     where = route.prefix(i) if i else route.entry
                     raise RouteFailed(
-                        f"{where} refused hop {hop}: {event.code.slug} ({int(event.code)}) {event.reason}".rstrip(),
-                        event.code,
+                        f"{where} refused {name}: {last.code.slug} ({int(last.code)}) {last.reason}".rstrip(),
+                        last.code,
                         i,
                     )
-        return Opened(sock, parser.trailing())
+        return Opened(sock, parser.trailing() if wait_final or final is None else b"", last, parser)
     except TimeoutError:
         sock.close()
         raise RouteFailed(f"{route}: no answer within {timeout:g}s") from None

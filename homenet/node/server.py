@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import itertools
 import logging
+import secrets
 import socket
 import time
 from collections.abc import Awaitable, Callable
@@ -41,8 +42,10 @@ log = logging.getLogger("homenet.node")
 _RECV = 65536
 _ACCEPT_BURST = 128
 
-#: Resolves a listenId hop to a connected socket (Remote Listen plugs in here).
-ListenerRoute = Callable[["Handshake", ListenId], Awaitable[socket.socket]]
+#: Resolves a listenId hop to a connected target (Remote Listen plugs in here).
+ListenerRoute = Callable[["Handshake", ListenId], Awaitable["Target"]]
+#: Serves a request with another verb (TICKET, POOL); True when it took the socket.
+VerbHandler = Callable[["Handshake"], Awaitable[bool]]
 
 
 class RouteError(Exception):
@@ -60,8 +63,21 @@ class Handshake:
 
     sock: socket.socket
     peer: str
+    #: Bytes already read from the connection (by whoever handed it to the node).
+    buf: bytes = b""
+    #: Hops this connection already went through (0 for a client that dialed us).
+    depth: int = 0
     request: Request | None = None
     trailing: bytes = b""
+
+
+@dataclass(slots=True)
+class Target:
+    """A connected target for a session, its name for operators, and a hook run at its end."""
+
+    sock: socket.socket
+    dialed: str
+    on_close: Callable[[SessionInfo], None] | None = None
 
 
 @dataclass(slots=True)
@@ -73,15 +89,15 @@ class SessionInfo:
     target: str
     dialed: str
     since: float
-    splice: Splice = field(repr=False)
+    splice: Splice | None = field(default=None, repr=False)
 
     @property
     def bytes_up(self) -> int:
-        return self.splice.bytes_up
+        return self.splice.bytes_up if self.splice else 0
 
     @property
     def bytes_down(self) -> int:
-        return self.splice.bytes_down
+        return self.splice.bytes_down if self.splice else 0
 
 
 @dataclass(slots=True)
@@ -118,6 +134,10 @@ class Node:
         self.dialer = dialer or Dialer(self.policy, timeout=settings.dial_timeout)
         self.pool = pool or CarrierPool()
         self.listener_route: ListenerRoute | None = None
+        self.listener_count: Callable[[], int] = lambda: 0
+        #: Random id of this node process; relays refuse a registration from themselves.
+        self.node_id = secrets.token_hex(8)
+        self.verbs: dict[Verb, VerbHandler] = {}
         self.counters = Counters()
         self.sessions: dict[int, SessionInfo] = {}
         self.started = time.time()
@@ -196,7 +216,8 @@ class Node:
     def abort_sessions(self, reason: str = "node shutting down") -> None:
         """Close every data-plane session now."""
         for info in list(self.sessions.values()):
-            info.splice.abort(reason)
+            if info.splice is not None:
+                info.splice.abort(reason)
 
     async def close(self) -> None:
         """Close everything now (control connections included) and free the carriers."""
@@ -245,16 +266,21 @@ class Node:
                 sock.close()
                 continue
             tune(sock)
-            task = self._loop.create_task(self._handshake(Handshake(sock, _peer_str(addr))))
-            self._handshakes.add(task)
-            task.add_done_callback(self._handshakes.discard)
+            self.serve_accepted(sock, _peer_str(addr))
+
+    def serve_accepted(self, sock: socket.socket, peer: str, buf: bytes = b"", depth: int = 0) -> None:
+        """Handle a connection as if accepted on the port (dial-back and pool connections come here)."""
+        assert self._loop is not None
+        task = self._loop.create_task(self._handshake(Handshake(sock, peer, buf, depth)))
+        self._handshakes.add(task)
+        task.add_done_callback(self._handshakes.discard)
 
     async def _handshake(self, hs: Handshake) -> None:
         loop = asyncio.get_running_loop()
         spliced = False
         try:
             async with asyncio.timeout(self.settings.handshake_timeout):
-                buf = b""
+                buf = hs.buf
                 while (plane := detect_plane(buf)) is None:
                     chunk = await loop.sock_recv(hs.sock, _RECV)
                     if not chunk:
@@ -298,7 +324,10 @@ class Node:
         if self.state != "serving":
             raise RouteError(Code.UNAVAILABLE, "node is shutting down; retry on another node")
         if req.verb is not Verb.CONNECT:
-            raise RouteError(Code.BAD_REQUEST, f"{req.verb.value} is not accepted here")
+            handler = self.verbs.get(req.verb)
+            if handler is None:
+                raise RouteError(Code.BAD_REQUEST, f"{req.verb.value} is not accepted here")
+            return await handler(hs)
         if len(self.sessions) >= self.settings.max_sessions:
             raise RouteError(Code.TOO_MANY, f"node at its limit of {self.settings.max_sessions} sessions")
         try:
@@ -309,39 +338,40 @@ class Node:
             if self.listener_route is None:
                 raise RouteError(Code.NOT_FOUND, f"no listener {hop} on this node")
             target = await self.listener_route(hs, hop)
-            dialed = str(hop)
         else:
             try:
                 d: Dialed = await self.dialer.dial(hop)
             except DialError as exc:
                 raise RouteError(exc.code, exc.reason) from None
-            target, dialed = d.sock, str(d)
-        return await self.splice_session(hs, target, req.arg, dialed)
+            target = Target(d.sock, str(d))
+        return await self.splice_session(hs, target, req.arg)
 
-    async def splice_session(self, hs: Handshake, target: socket.socket, name: str, dialed: str) -> bool:
+    async def splice_session(self, hs: Handshake, target: Target, name: str) -> bool:
         """Reply OK, hand over the client's pipelined bytes, and splice client <-> target."""
         loop = asyncio.get_running_loop()
+        info = SessionInfo(next(self._ids), hs.peer, name, target.dialed, time.time())
         try:
             await loop.sock_sendall(hs.sock, encode_reply(Code.OK))
             if hs.trailing:
-                await loop.sock_sendall(target, hs.trailing)
-        except OSError:
-            target.close()
+                await loop.sock_sendall(target.sock, hs.trailing)
+        except BaseException:
+            target.sock.close()
+            if target.on_close is not None:
+                target.on_close(info)
             raise
-        info = SessionInfo(next(self._ids), hs.peer, name, dialed, time.time(), splice=None)  # type: ignore[arg-type]
-        sp = Splice(
-            hs.sock,
-            target,
-            self.pool,
-            idle_timeout=self.settings.idle_timeout or None,
-            on_close=lambda s, exc: self._session_closed(info, exc),
-        )
+
+        def closed(_: Splice, exc: BaseException | None) -> None:
+            self._session_closed(info, exc)
+            if target.on_close is not None:
+                target.on_close(info)
+
+        sp = Splice(hs.sock, target.sock, self.pool, idle_timeout=self.settings.idle_timeout or None, on_close=closed)
         sp.up.bytes = len(hs.trailing)  # pipelined payload already delivered above
         info.splice = sp
         self.sessions[info.id] = info
         self._idle.clear()
         sp.start()
-        log.debug("session.open", extra=fields(id=info.id, client=hs.peer, target=name, dialed=dialed))
+        log.debug("session.open", extra=fields(id=info.id, client=hs.peer, target=name, dialed=target.dialed))
         return True
 
     def _session_closed(self, info: SessionInfo, exc: BaseException | None) -> None:

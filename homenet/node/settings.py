@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 import socket
 import tomllib
 from collections.abc import Callable, Mapping
@@ -54,6 +55,14 @@ class Settings:
     max_sessions: int = 20000
     #: Connections still in their handshake at once; more are closed at accept.
     max_handshakes: int = 256
+    #: Warm connections to keep parked at each relay we remote-listen on (0: dial back only).
+    pool_size: int = 4
+    #: Cap in seconds of the reconnect backoff to a relay (exponential with jitter below it).
+    rl_backoff_max: float = 1.5
+    #: Relay role: seconds between pings on listener streams (3 missed = dead).
+    ping_interval: float = 2.0
+    #: Relay role: seconds an offline listenId stays reserved for its owner.
+    offline_hold: float = 60.0
 
     def __post_init__(self) -> None:
         if not 0 <= self.port <= 65535:
@@ -71,7 +80,11 @@ class Settings:
             raise SettingsError(f"log_level {self.log_level!r}: expected debug, info, warning or error")
         if self.log_format not in ("text", "json"):
             raise SettingsError(f"log_format {self.log_format!r}: expected text or json")
-        for name in ("handshake_timeout", "dial_timeout", "drain_grace"):
+        if self.listen_id is not None and not re.fullmatch(r"[A-Za-z0-9_-]{1,64}", self.listen_id):
+            raise SettingsError(f"listen_id {self.listen_id!r}: expected 1-64 of A-Z a-z 0-9 _ -")
+        if not 0 <= self.pool_size <= 64:
+            raise SettingsError("pool_size must be 0-64")
+        for name in ("handshake_timeout", "dial_timeout", "drain_grace", "rl_backoff_max", "ping_interval"):
             if getattr(self, name) <= 0:
                 raise SettingsError(f"{name} must be > 0")
         if self.idle_timeout < 0:

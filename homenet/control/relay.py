@@ -1,0 +1,133 @@
+"""RelayService: the Listen stream, and the operator's listeners/kick calls."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator
+from typing import Any
+
+import grpc
+
+from homenet import __version__
+from homenet.control.errors import status_of
+from homenet.control.v1 import relay_pb2, relay_pb2_grpc
+from homenet.node.listeners import Incoming, Listener, ListenerError, ListenerSession, Ping, PoolGrant
+from homenet.node.log import fields
+from homenet.node.relay import Registration, Relay
+
+log = logging.getLogger("homenet.control.relay")
+
+REGISTER_TIMEOUT = 10.0
+
+Context = grpc.aio.ServicerContext[relay_pb2.ListenerMessage, relay_pb2.RelayMessage]
+
+
+def peer_of(context: grpc.aio.ServicerContext[Any, Any], relay: Relay) -> str:
+    """The real client address of a call (the node splices gRPC through a loopback port)."""
+    peer = context.peer()  # "ipv4:127.0.0.1:PORT"
+    try:
+        port = int(peer.rsplit(":", 1)[1])
+    except (IndexError, ValueError):
+        return peer
+    return relay.node.control_peer(port) or peer
+
+
+def to_event_message(event: Incoming | PoolGrant | Ping) -> relay_pb2.RelayMessage:
+    if isinstance(event, Incoming):
+        return relay_pb2.RelayMessage(
+            incoming=relay_pb2.Incoming(ticket=event.ticket, client=event.client, expires_in=event.expires_in)
+        )
+    if isinstance(event, PoolGrant):
+        return relay_pb2.RelayMessage(pool_grant=relay_pb2.PoolGrant(ticket=event.ticket, expires_in=event.expires_in))
+    return relay_pb2.RelayMessage(ping=relay_pb2.Ping(seq=event.seq))
+
+
+class RelayServicer(relay_pb2_grpc.RelayServiceServicer):
+    """Translates the Listen stream to :class:`Relay` calls and its events back to messages."""
+
+    def __init__(self, relay: Relay) -> None:
+        self.relay = relay
+
+    async def Listen(
+        self, request_iterator: AsyncIterator[relay_pb2.ListenerMessage], context: Context
+    ) -> AsyncIterator[relay_pb2.RelayMessage]:
+        try:
+            async with asyncio.timeout(REGISTER_TIMEOUT):
+                first = await anext(request_iterator)
+        except (TimeoutError, StopAsyncIteration):
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "send register first, within 10s")
+        if first.WhichOneof("msg") != "register":
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "the first message must be register")
+        r = first.register
+        reg = Registration(r.listen_id, r.resume_secret, r.name[:128], r.version[:64], r.pool_size, r.node_id)
+        peer = peer_of(context, self.relay)
+        try:
+            lst, session, secret = self.relay.register(reg, peer)
+        except ListenerError as exc:
+            log.info("listener.refused", extra=fields(listen_id=r.listen_id[:80], peer=peer, reason=str(exc)))
+            await context.abort(status_of(exc), str(exc))
+        yield relay_pb2.RelayMessage(
+            registered=relay_pb2.Registered(
+                listen_id=lst.listen_id,
+                resume_secret=secret,
+                ping_interval=self.relay.settings.ping_interval,
+                pool_size=lst.pool_size,
+                relay_name=self.relay.node.settings.name,
+            )
+        )
+        reader = asyncio.ensure_future(self._read(request_iterator, session))
+        reason = "stream ended"
+        try:
+            while (event := await session.next_event()) is not None:
+                yield to_event_message(event)
+            reason = session.close_reason
+        finally:
+            reader.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await reader
+            self.relay.unregister(lst, session, reason)
+
+    async def _read(self, messages: AsyncIterator[relay_pb2.ListenerMessage], session: ListenerSession) -> None:
+        try:
+            async for msg in messages:
+                session.heard()
+                kind = msg.WhichOneof("msg")
+                if kind == "dial_failed":
+                    self.relay.dial_failed(session, msg.dial_failed.ticket, msg.dial_failed.reason)
+        except Exception as exc:  # a broken stream: the listener is gone
+            session.close(f"stream broke: {type(exc).__name__}")
+            return
+        session.close("listener closed its stream")
+
+    async def ListListeners(
+        self, request: relay_pb2.ListListenersRequest, context: grpc.aio.ServicerContext[object, object]
+    ) -> relay_pb2.ListListenersResponse:
+        return relay_pb2.ListListenersResponse(
+            listeners=[to_listener_message(lst) for lst in self.relay.registry.all()]
+        )
+
+    async def Kick(
+        self, request: relay_pb2.KickRequest, context: grpc.aio.ServicerContext[object, object]
+    ) -> relay_pb2.KickResponse:
+        if not self.relay.kick(request.listen_id):
+            await context.abort(grpc.StatusCode.NOT_FOUND, f"no listener {request.listen_id[:80]} on this relay")
+        return relay_pb2.KickResponse(kicked=True)
+
+
+def to_listener_message(lst: Listener) -> relay_pb2.Listener:
+    return relay_pb2.Listener(
+        listen_id=lst.listen_id,
+        peer=lst.peer,
+        since=lst.since,
+        active_sessions=lst.active,
+        total_sessions=lst.total,
+        bytes_up=lst.bytes_up,
+        bytes_down=lst.bytes_down,
+        pool_parked=len(lst.pool),
+        pool_size=lst.pool_size,
+        name=lst.name,
+        version=lst.version or __version__,
+        state="online" if lst.online else "offline",
+    )

@@ -1,0 +1,218 @@
+"""The listener's end of the Remote Listen stream: register, answer events, reconnect.
+
+One :class:`RLClient` per ``--rl`` URL. It keeps a gRPC stream to the relay (through the
+relay's route when it has hops: the stream then rides a HomeNet route), reconnects with
+tenacity (exponential backoff with jitter, capped, forever) and takes its listenId back with
+the resumption secret it keeps in the state directory.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import json
+import logging
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+from tenacity import AsyncRetrying, retry_if_exception_type, wait_random_exponential
+
+from homenet import __version__
+from homenet.control.v1 import relay_pb2, relay_pb2_grpc
+from homenet.node.address import Route
+from homenet.node.forward import Forwarder
+from homenet.node.log import fields
+from homenet.node.remote import RemoteListen, Serve
+
+log = logging.getLogger("homenet.rl")
+
+REGISTER_TIMEOUT = 5.0
+_FATAL = {grpc.StatusCode.ALREADY_EXISTS, grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.FAILED_PRECONDITION}
+
+
+class Disconnected(Exception):
+    """The stream could not be opened or was lost; retried with backoff."""
+
+
+class Refused(Exception):
+    """The relay refused the registration itself (id taken, bad id, loop): one-line message."""
+
+
+@dataclass(frozen=True)
+class RLOptions:
+    """How to remote-listen on one relay."""
+
+    route: Route
+    listen_id: str = ""
+    pool_size: int = 4
+    name: str = ""
+    node_id: str = ""
+    state_dir: str = ""
+    backoff_max: float = 1.5
+    dial_timeout: float = 5.0
+
+
+class StateFile:
+    """The listenId and resumption secret of one relay URL, kept across restarts (mode 0600)."""
+
+    def __init__(self, state_dir: str, url: str) -> None:
+        digest = hashlib.sha256(url.encode()).hexdigest()[:16]
+        self.path = Path(state_dir) / "rl" / f"{digest}.json" if state_dir else None
+        self.url = url
+
+    def load(self) -> tuple[str, str]:
+        if self.path is None:
+            return "", ""
+        try:
+            data = json.loads(self.path.read_text())
+            return str(data.get("listen_id", "")), str(data.get("resume_secret", ""))
+        except (OSError, ValueError):
+            return "", ""
+
+    def save(self, listen_id: str, secret: str) -> None:
+        if self.path is None:
+            return
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+            tmp = self.path.with_suffix(".tmp")
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            with os.fdopen(fd, "w") as fh:
+                json.dump({"url": self.url, "listen_id": listen_id, "resume_secret": secret}, fh)
+            tmp.replace(self.path)
+        except OSError as exc:
+            log.warning("rl.state_not_saved", extra=fields(path=str(self.path), error=str(exc)))
+
+
+class RLClient:
+    """Keeps one registration alive on one relay."""
+
+    def __init__(self, opts: RLOptions, serve: Serve, announce: Callable[[str], None]) -> None:
+        self.opts = opts
+        self.serve = serve
+        self.announce = announce
+        self.state = StateFile(opts.state_dir, str(opts.route))
+        self.listen_id = ""
+        self.registered = asyncio.Event()
+        self._forwarder: Forwarder | None = None
+        self._target_ep = ""
+        self._ever_registered = False
+
+    @property
+    def url(self) -> str:
+        return f"{self.opts.route}/{self.listen_id}"
+
+    async def _target(self) -> str:
+        route = self.opts.route
+        if not route.hops:
+            return str(route.entry)
+        if self._forwarder is None:  # the stream rides a HomeNet route: forward a local port to it
+            self._forwarder = Forwarder(route, "127.0.0.1", 0, self.opts.dial_timeout)
+            ep = await self._forwarder.start()
+            self._target_ep = str(ep)
+        return self._target_ep
+
+    async def run(self) -> None:
+        """Register and serve forever; raises :class:`Refused` if the first registration is refused."""
+        try:
+            while True:
+                retrying = AsyncRetrying(
+                    wait=wait_random_exponential(multiplier=0.1, max=self.opts.backoff_max),
+                    retry=retry_if_exception_type(Disconnected),
+                    before_sleep=self._log_retry,
+                )
+                async for attempt in retrying:
+                    with attempt:
+                        await self._session()
+        finally:
+            if self._forwarder is not None:
+                await self._forwarder.close()
+
+    def _log_retry(self, state: object) -> None:
+        outcome = getattr(state, "outcome", None)
+        exc = outcome.exception() if outcome is not None else None
+        log.info("rl.reconnecting", extra=fields(relay=str(self.opts.route), error=str(exc)))
+
+    async def _session(self) -> None:
+        """One stream's life; returns when it ends cleanly, raises Disconnected otherwise."""
+        target = await self._target()
+        saved_id, secret = self.state.load()
+        listen_id = self.opts.listen_id or saved_id
+        if self.opts.listen_id and saved_id != self.opts.listen_id:
+            secret = ""
+        channel = grpc.aio.insecure_channel(
+            target,
+            options=[
+                ("grpc.keepalive_time_ms", 10_000),
+                ("grpc.keepalive_timeout_ms", 5_000),
+                ("grpc.keepalive_permit_without_calls", 1),
+                ("grpc.enable_retries", 0),
+            ],
+        )
+        remote: RemoteListen | None = None
+        write_lock = asyncio.Lock()
+        call = relay_pb2_grpc.RelayServiceStub(channel).Listen()  # type: ignore[call-arg]  # stubs miss aio
+
+        async def send(msg: relay_pb2.ListenerMessage) -> None:
+            async with write_lock, asyncio.timeout(REGISTER_TIMEOUT):
+                await call.write(msg)
+
+        try:
+            register = relay_pb2.Register(
+                listen_id=listen_id, resume_secret=secret, name=self.opts.name, version=__version__,
+                pool_size=self.opts.pool_size, node_id=self.opts.node_id,
+            )  # fmt: skip
+            async with asyncio.timeout(REGISTER_TIMEOUT):
+                await call.write(relay_pb2.ListenerMessage(register=register))
+                first = await call.read()
+            if not isinstance(first, relay_pb2.RelayMessage) or first.WhichOneof("msg") != "registered":
+                raise Disconnected("relay closed the stream before registering us")
+            reg = first.registered
+            self.listen_id = reg.listen_id
+            self.state.save(reg.listen_id, reg.resume_secret)
+            self._ever_registered = True
+            self.registered.set()
+            log.info("rl.registered", extra=fields(url=self.url, pool=reg.pool_size))
+            self.announce(f"LISTENING {self.url}")
+
+            async def report(ticket: str, reason: str) -> None:
+                await send(relay_pb2.ListenerMessage(dial_failed=relay_pb2.DialFailed(ticket=ticket, reason=reason)))
+
+            remote = RemoteListen(self.opts.route, self.serve, report, self.opts.dial_timeout)
+            silence = 3 * (reg.ping_interval or 2.0)
+            while True:
+                try:
+                    async with asyncio.timeout(silence):
+                        msg = await call.read()
+                except TimeoutError:
+                    raise Disconnected(f"relay silent for {silence:g}s") from None
+                if not isinstance(msg, relay_pb2.RelayMessage):
+                    raise Disconnected("relay ended the stream")
+                kind = msg.WhichOneof("msg")
+                if kind == "incoming":
+                    remote.incoming(msg.incoming.ticket, msg.incoming.client)
+                elif kind == "pool_grant":
+                    remote.pool_grant(msg.pool_grant.ticket)
+                elif kind == "ping":
+                    await send(relay_pb2.ListenerMessage(pong=relay_pb2.Pong(seq=msg.ping.seq)))
+        except grpc.aio.AioRpcError as exc:
+            if exc.code() in _FATAL:
+                message = f"relay {self.opts.route} refused {listen_id or 'registration'}: {exc.details()}"
+                if not self._ever_registered:
+                    raise Refused(message) from None
+                log.error("rl.refused", extra=fields(relay=str(self.opts.route), error=exc.details()))
+            raise Disconnected(f"{exc.code().name.lower()}: {exc.details()}") from None
+        except TimeoutError:
+            raise Disconnected("relay did not answer the registration in time") from None
+        except OSError as exc:
+            raise Disconnected(str(exc)) from None
+        finally:
+            self.registered.clear()
+            if remote is not None:
+                await remote.close()
+            call.cancel()
+            with contextlib.suppress(Exception):
+                await channel.close(None)

@@ -1,0 +1,143 @@
+"""The listener side of Remote Listen: dial back for waiting clients, keep a warm pool.
+
+The control plane (the gRPC stream) feeds :class:`RemoteListen` with events; this module
+opens the data connections to the relay (through the relay's route, which may cross other
+relays) and hands each activated connection to ``serve``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import re
+import socket
+from collections.abc import Awaitable, Callable
+
+from homenet.node.address import Endpoint, Route
+from homenet.node.client import RouteFailed, dial_endpoint, next_reply, open_route
+from homenet.node.log import fields
+from homenet.node.preamble import ProtocolError, Verb, encode_request
+from homenet.node.splice import CarrierPool, Splice
+
+log = logging.getLogger("homenet.remote")
+
+#: Takes an activated connection: (socket, description, bytes already read, hop depth).
+Serve = Callable[[socket.socket, str, bytes, int], Awaitable[None]]
+#: Tells the relay a dial-back failed: (ticket, reason).
+ReportFailure = Callable[[str, str], Awaitable[None]]
+
+_HOP = re.compile(r"\bhop=([0-9]{1,3})\b")
+
+
+def hop_depth(reason: str) -> int:
+    """The hop count a relay announces in its activation reply (``hop=N``)."""
+    m = _HOP.search(reason)
+    return int(m.group(1)) if m else 1
+
+
+class RemoteListen:
+    """One registration's data connections; owns their tasks until :meth:`close`."""
+
+    def __init__(self, relay_route: Route, serve: Serve, report_failure: ReportFailure, timeout: float = 5.0) -> None:
+        self.route = relay_route
+        self.serve = serve
+        self.report_failure = report_failure
+        self.timeout = timeout
+        self.parked = 0
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    def _spawn(self, coro: Awaitable[None]) -> None:
+        task = asyncio.ensure_future(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    def incoming(self, ticket: str, client: str) -> None:
+        """A client is waiting at the relay: dial back with ``ticket``."""
+        self._spawn(self._dial_back(ticket, client))
+
+    def pool_grant(self, ticket: str) -> None:
+        """The relay allows one more parked connection."""
+        self._spawn(self._park(ticket))
+
+    async def _dial_back(self, ticket: str, client: str) -> None:
+        try:
+            opened = await open_route(self.route, final=encode_request(Verb.TICKET, ticket), timeout=self.timeout)
+        except RouteFailed as exc:
+            log.warning("rl.dial_back_failed", extra=fields(client=client, error=str(exc)))
+            with contextlib.suppress(Exception):
+                await self.report_failure(ticket, str(exc))
+            return
+        depth = hop_depth(opened.last.reason if opened.last else "")
+        await self.serve(opened.sock, f"{client} via {self.route.entry}", opened.early, depth)
+
+    async def _park(self, ticket: str) -> None:
+        try:
+            opened = await open_route(
+                self.route, final=encode_request(Verb.POOL, ticket), timeout=self.timeout, wait_final=False
+            )
+        except RouteFailed as exc:
+            log.debug("rl.park_failed", extra=fields(error=str(exc)))
+            return
+        sock, parser = opened.sock, opened.parser
+        assert parser is not None
+        self.parked += 1
+        try:
+            reply = await next_reply(sock, parser)  # parked until a client comes (or the relay drops it)
+        except (OSError, ProtocolError):
+            sock.close()
+            return
+        except BaseException:
+            sock.close()
+            raise
+        finally:
+            self.parked -= 1
+        if not reply.ok:
+            log.debug("rl.park_refused", extra=fields(code=int(reply.code), reason=reply.reason))
+            sock.close()
+            return
+        await self.serve(sock, f"pool via {self.route.entry}", parser.trailing(), hop_depth(reply.reason))
+
+    async def close(self) -> None:
+        """Cancel dial-backs and close parked connections."""
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+
+
+class FixedTarget:
+    """``homenet rl --to HOST:PORT``: every activated connection is spliced to one target."""
+
+    def __init__(self, host: str, port: int, timeout: float = 10.0, idle_timeout: float | None = None) -> None:
+        self.host, self.port = host, port
+        self.timeout = timeout
+        self.idle_timeout = idle_timeout
+        self.pool = CarrierPool()
+        self.splices: set[Splice] = set()
+
+    async def serve(self, sock: socket.socket, desc: str, early: bytes, depth: int) -> None:
+        """Dial the target and splice; on failure close the client's connection."""
+        loop = asyncio.get_running_loop()
+        try:
+            target = await dial_endpoint(Endpoint(self.host, self.port), self.timeout)
+        except RouteFailed as exc:
+            log.warning("rl.target_failed", extra=fields(target=f"{self.host}:{self.port}", error=str(exc)))
+            sock.close()
+            return
+        try:
+            if early:
+                await loop.sock_sendall(target, early)
+        except OSError:
+            sock.close()
+            target.close()
+            return
+        sp = Splice(
+            sock, target, self.pool, idle_timeout=self.idle_timeout, on_close=lambda s, e: self.splices.discard(s)
+        )
+        self.splices.add(sp)
+        sp.start()
+
+    def close(self) -> None:
+        for sp in list(self.splices):
+            sp.abort("closing")
+        self.pool.close()
