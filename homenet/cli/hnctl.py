@@ -27,9 +27,15 @@ def _parser() -> argparse.ArgumentParser:
     )  # fmt: skip
     p.add_argument("--timeout", type=float, default=5.0, help="deadline of each call in seconds (default 5)")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for name, text in (("status", "the node's identity, uptime and counters"), ("sessions", "sessions spliced now")):
+    for name, text in (
+        ("status", "the node's identity, uptime and counters"),
+        ("sessions", "sessions spliced now"),
+        ("listeners", "listeners registered on this relay"),
+    ):
         c = sub.add_parser(name, help=text, description=text.capitalize() + ".")
         c.add_argument("--json", action="store_true", help="print JSON")
+    kick = sub.add_parser("kick", help="end a listener's stream and free its listenId", description="Kick a listener.")
+    kick.add_argument("listen_id", metavar="LISTENID")
     return p
 
 
@@ -80,6 +86,34 @@ async def _sessions(client: ControlClient, as_json: bool) -> None:
     print(_table(rows, ["ID", "CLIENT", "TARGET", "DIALED", "AGE", "UP", "DOWN"]))
 
 
+async def _listeners(client: ControlClient, as_json: bool) -> None:
+    resp = await client.listeners()
+    if as_json:
+        print(json.dumps(_to_dict(resp)["listeners"], indent=2))
+        return
+    now = time.time()
+    rows = [
+        [
+            x.listen_id,
+            x.state,
+            x.peer,
+            x.name,
+            f"{now - x.since:.0f}s",
+            str(x.active_sessions),
+            _bytes(x.bytes_up),
+            _bytes(x.bytes_down),
+            f"{x.pool_parked}/{x.pool_size}",
+        ]
+        for x in resp.listeners
+    ]
+    print(_table(rows, ["LISTENID", "STATE", "PEER", "NAME", "SINCE", "SESSIONS", "UP", "DOWN", "POOL"]))
+
+
+async def _kick(client: ControlClient, listen_id: str) -> None:
+    await client.kick(listen_id)
+    print(f"kicked {listen_id}")
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``hnctl`` command."""
     args = _parser().parse_args(argv)
@@ -94,6 +128,10 @@ def main(argv: list[str] | None = None) -> int:
                 await _status(client, args.json)
             elif args.command == "sessions":
                 await _sessions(client, args.json)
+            elif args.command == "listeners":
+                await _listeners(client, args.json)
+            elif args.command == "kick":
+                await _kick(client, args.listen_id)
 
     try:
         run(go())
