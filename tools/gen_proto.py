@@ -1,14 +1,17 @@
 """Regenerate the committed gRPC/protobuf code from proto/ (``./dev proto``).
 
-proto/homenet/v1/*.proto (package homenet.v1) is generated into homenet/control/v1/, so the
-generated modules import each other as ``homenet.control.v1.*``. With ``--out DIR`` the code
-goes to DIR instead (the drift test compares that with what is committed).
+proto/homenet/v1/*.proto (package homenet.v1, file names ``homenet/v1/*.proto`` as every
+consumer of the public API sees them) is generated into homenet/control/v1/; the generated
+modules' imports of each other are rewritten from ``homenet.v1`` to ``homenet.control.v1``.
+With ``--out DIR`` the code goes to DIR instead (the drift test compares it with the
+committed code).
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import re
 import shutil
 import sys
 from pathlib import Path
@@ -19,6 +22,23 @@ PROTO = ROOT / "proto" / "homenet"
 
 def generate(out: Path) -> list[Path]:
     """Run protoc (grpcio-tools) with the mypy plugins; returns the files written."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        _protoc(Path(tmp))
+        gen = out / "homenet" / "control" / "v1"
+        gen.mkdir(parents=True, exist_ok=True)
+        for old in gen.glob("*_pb2*.py*"):
+            old.unlink()
+        for src in sorted((Path(tmp) / "homenet" / "v1").iterdir()):
+            text = src.read_text()
+            text = re.sub(r"^from homenet\.v1 import", "from homenet.control.v1 import", text, flags=re.M)
+            (gen / src.name).write_text(text)
+    (gen / "__init__.py").write_text('"""Generated from proto/homenet/v1 by tools/gen_proto.py; do not edit."""\n')
+    return sorted(gen.iterdir())
+
+
+def _protoc(out: Path) -> None:
     from grpc_tools import protoc
 
     bindir = Path(sys.executable).parent
@@ -29,7 +49,7 @@ def generate(out: Path) -> list[Path]:
     include = str(Path(protoc.__file__).parent / "_proto")
     args = [
         "protoc",
-        f"-Ihomenet/control={PROTO.relative_to(ROOT)}",
+        "-Iproto",
         f"-I{include}",
         f"--python_out={out}",
         f"--grpc_python_out={out}",
@@ -44,9 +64,6 @@ def generate(out: Path) -> list[Path]:
             raise SystemExit("protoc failed")
     finally:
         os.chdir(cwd)
-    gen = out / "homenet" / "control" / "v1"
-    (gen / "__init__.py").write_text('"""Generated from proto/homenet/v1 by tools/gen_proto.py; do not edit."""\n')
-    return sorted(gen.iterdir())
 
 
 def main() -> None:

@@ -3,7 +3,7 @@
 import grpc
 import warnings
 
-from homenet.control.v1 import node_pb2 as homenet_dot_control_dot_v1_dot_node__pb2
+from homenet.control.v1 import node_pb2 as homenet_dot_v1_dot_node__pb2
 
 GRPC_GENERATED_VERSION = '1.85.1'
 GRPC_VERSION = grpc.__version__
@@ -18,7 +18,7 @@ except ImportError:
 if _version_not_supported:
     raise RuntimeError(
         f'The grpc package installed is at version {GRPC_VERSION},'
-        + ' but the generated code in homenet/control/v1/node_pb2_grpc.py depends on'
+        + ' but the generated code in homenet/v1/node_pb2_grpc.py depends on'
         + f' grpcio>={GRPC_GENERATED_VERSION}.'
         + f' Please upgrade your grpc module to grpcio>={GRPC_GENERATED_VERSION}'
         + f' or downgrade your generated code using grpcio-tools<={GRPC_VERSION}.'
@@ -37,13 +37,13 @@ class NodeServiceStub:
         """
         self.GetStatus = channel.unary_unary(
                 '/homenet.v1.NodeService/GetStatus',
-                request_serializer=homenet_dot_control_dot_v1_dot_node__pb2.GetStatusRequest.SerializeToString,
-                response_deserializer=homenet_dot_control_dot_v1_dot_node__pb2.NodeStatus.FromString,
+                request_serializer=homenet_dot_v1_dot_node__pb2.GetStatusRequest.SerializeToString,
+                response_deserializer=homenet_dot_v1_dot_node__pb2.NodeStatus.FromString,
                 _registered_method=True)
         self.ListSessions = channel.unary_unary(
                 '/homenet.v1.NodeService/ListSessions',
-                request_serializer=homenet_dot_control_dot_v1_dot_node__pb2.ListSessionsRequest.SerializeToString,
-                response_deserializer=homenet_dot_control_dot_v1_dot_node__pb2.ListSessionsResponse.FromString,
+                request_serializer=homenet_dot_v1_dot_node__pb2.ListSessionsRequest.SerializeToString,
+                response_deserializer=homenet_dot_v1_dot_node__pb2.ListSessionsResponse.FromString,
                 _registered_method=True)
 
 
@@ -70,13 +70,13 @@ def add_NodeServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
             'GetStatus': grpc.unary_unary_rpc_method_handler(
                     servicer.GetStatus,
-                    request_deserializer=homenet_dot_control_dot_v1_dot_node__pb2.GetStatusRequest.FromString,
-                    response_serializer=homenet_dot_control_dot_v1_dot_node__pb2.NodeStatus.SerializeToString,
+                    request_deserializer=homenet_dot_v1_dot_node__pb2.GetStatusRequest.FromString,
+                    response_serializer=homenet_dot_v1_dot_node__pb2.NodeStatus.SerializeToString,
             ),
             'ListSessions': grpc.unary_unary_rpc_method_handler(
                     servicer.ListSessions,
-                    request_deserializer=homenet_dot_control_dot_v1_dot_node__pb2.ListSessionsRequest.FromString,
-                    response_serializer=homenet_dot_control_dot_v1_dot_node__pb2.ListSessionsResponse.SerializeToString,
+                    request_deserializer=homenet_dot_v1_dot_node__pb2.ListSessionsRequest.FromString,
+                    response_serializer=homenet_dot_v1_dot_node__pb2.ListSessionsResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -105,8 +105,8 @@ class NodeService:
             request,
             target,
             '/homenet.v1.NodeService/GetStatus',
-            homenet_dot_control_dot_v1_dot_node__pb2.GetStatusRequest.SerializeToString,
-            homenet_dot_control_dot_v1_dot_node__pb2.NodeStatus.FromString,
+            homenet_dot_v1_dot_node__pb2.GetStatusRequest.SerializeToString,
+            homenet_dot_v1_dot_node__pb2.NodeStatus.FromString,
             options,
             channel_credentials,
             insecure,
@@ -132,8 +132,8 @@ class NodeService:
             request,
             target,
             '/homenet.v1.NodeService/ListSessions',
-            homenet_dot_control_dot_v1_dot_node__pb2.ListSessionsRequest.SerializeToString,
-            homenet_dot_control_dot_v1_dot_node__pb2.ListSessionsResponse.FromString,
+            homenet_dot_v1_dot_node__pb2.ListSessionsRequest.SerializeToString,
+            homenet_dot_v1_dot_node__pb2.ListSessionsResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -9,6 +9,7 @@ from collections import abc as _abc
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
 from google.protobuf.internal import containers as _containers
+from homenet.control.v1 import discovery_pb2 as _discovery_pb2
 import builtins as _builtins
 import sys
 import typing as _typing
@@ -27,24 +28,28 @@ class ListenerMessage(_message.Message):
     REGISTER_FIELD_NUMBER: _builtins.int
     PONG_FIELD_NUMBER: _builtins.int
     DIAL_FAILED_FIELD_NUMBER: _builtins.int
+    QUERY_RESULT_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def register(self) -> Global___Register: ...
     @_builtins.property
     def pong(self) -> Global___Pong: ...
     @_builtins.property
     def dial_failed(self) -> Global___DialFailed: ...
+    @_builtins.property
+    def query_result(self) -> Global___QueryResult: ...
     def __init__(
         self,
         *,
         register: Global___Register | None = ...,
         pong: Global___Pong | None = ...,
         dial_failed: Global___DialFailed | None = ...,
+        query_result: Global___QueryResult | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["dial_failed", b"dial_failed", "msg", b"msg", "pong", b"pong", "register", b"register"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["dial_failed", b"dial_failed", "msg", b"msg", "pong", b"pong", "query_result", b"query_result", "register", b"register"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["dial_failed", b"dial_failed", "msg", b"msg", "pong", b"pong", "register", b"register"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["dial_failed", b"dial_failed", "msg", b"msg", "pong", b"pong", "query_result", b"query_result", "register", b"register"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_msg: _TypeAlias = _typing.Literal["register", "pong", "dial_failed"]  # noqa: Y015
+    _WhichOneofReturnType_msg: _TypeAlias = _typing.Literal["register", "pong", "dial_failed", "query_result"]  # noqa: Y015
     _WhichOneofArgType_msg: _TypeAlias = _typing.Literal["msg", b"msg"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_msg) -> _WhichOneofReturnType_msg | None: ...
 
@@ -58,6 +63,7 @@ class RelayMessage(_message.Message):
     INCOMING_FIELD_NUMBER: _builtins.int
     POOL_GRANT_FIELD_NUMBER: _builtins.int
     PING_FIELD_NUMBER: _builtins.int
+    QUERY_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def registered(self) -> Global___Registered: ...
     @_builtins.property
@@ -66,6 +72,8 @@ class RelayMessage(_message.Message):
     def pool_grant(self) -> Global___PoolGrant: ...
     @_builtins.property
     def ping(self) -> Global___Ping: ...
+    @_builtins.property
+    def query(self) -> Global___ForwardedQuery: ...
     def __init__(
         self,
         *,
@@ -73,16 +81,80 @@ class RelayMessage(_message.Message):
         incoming: Global___Incoming | None = ...,
         pool_grant: Global___PoolGrant | None = ...,
         ping: Global___Ping | None = ...,
+        query: Global___ForwardedQuery | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["incoming", b"incoming", "msg", b"msg", "ping", b"ping", "pool_grant", b"pool_grant", "registered", b"registered"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["incoming", b"incoming", "msg", b"msg", "ping", b"ping", "pool_grant", b"pool_grant", "query", b"query", "registered", b"registered"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["incoming", b"incoming", "msg", b"msg", "ping", b"ping", "pool_grant", b"pool_grant", "registered", b"registered"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["incoming", b"incoming", "msg", b"msg", "ping", b"ping", "pool_grant", b"pool_grant", "query", b"query", "registered", b"registered"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_msg: _TypeAlias = _typing.Literal["registered", "incoming", "pool_grant", "ping"]  # noqa: Y015
+    _WhichOneofReturnType_msg: _TypeAlias = _typing.Literal["registered", "incoming", "pool_grant", "ping", "query"]  # noqa: Y015
     _WhichOneofArgType_msg: _TypeAlias = _typing.Literal["msg", b"msg"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_msg) -> _WhichOneofReturnType_msg | None: ...
 
 Global___RelayMessage: _TypeAlias = RelayMessage  # noqa: Y015
+
+@_typing.final
+class ForwardedQuery(_message.Message):
+    """A discovery query for the listener (or, when `request.path` is not empty, for a node
+    further down its own listeners). Answer with a `query_result` of the same id.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ID_FIELD_NUMBER: _builtins.int
+    REQUEST_FIELD_NUMBER: _builtins.int
+    TIMEOUT_FIELD_NUMBER: _builtins.int
+    id: _builtins.int
+    timeout: _builtins.float
+    """Seconds the relay waits for the answer."""
+    @_builtins.property
+    def request(self) -> _discovery_pb2.QueryRequest: ...
+    def __init__(
+        self,
+        *,
+        id: _builtins.int = ...,
+        request: _discovery_pb2.QueryRequest | None = ...,
+        timeout: _builtins.float = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["request", b"request"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["id", b"id", "request", b"request", "timeout", b"timeout"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ForwardedQuery: _TypeAlias = ForwardedQuery  # noqa: Y015
+
+@_typing.final
+class QueryResult(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ID_FIELD_NUMBER: _builtins.int
+    RESPONSE_FIELD_NUMBER: _builtins.int
+    ERROR_CODE_FIELD_NUMBER: _builtins.int
+    ERROR_FIELD_NUMBER: _builtins.int
+    id: _builtins.int
+    error_code: _builtins.int
+    """Set instead of `response` when the query failed further down: a gRPC status code
+    number and a one-line message.
+    """
+    error: _builtins.str
+    @_builtins.property
+    def response(self) -> _discovery_pb2.QueryResponse: ...
+    def __init__(
+        self,
+        *,
+        id: _builtins.int = ...,
+        response: _discovery_pb2.QueryResponse | None = ...,
+        error_code: _builtins.int = ...,
+        error: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["response", b"response"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["error", b"error", "error_code", b"error_code", "id", b"id", "response", b"response"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___QueryResult: _TypeAlias = QueryResult  # noqa: Y015
 
 @_typing.final
 class Register(_message.Message):

@@ -3,7 +3,7 @@
 import grpc
 import warnings
 
-from homenet.control.v1 import relay_pb2 as homenet_dot_control_dot_v1_dot_relay__pb2
+from homenet.control.v1 import relay_pb2 as homenet_dot_v1_dot_relay__pb2
 
 GRPC_GENERATED_VERSION = '1.85.1'
 GRPC_VERSION = grpc.__version__
@@ -18,7 +18,7 @@ except ImportError:
 if _version_not_supported:
     raise RuntimeError(
         f'The grpc package installed is at version {GRPC_VERSION},'
-        + ' but the generated code in homenet/control/v1/relay_pb2_grpc.py depends on'
+        + ' but the generated code in homenet/v1/relay_pb2_grpc.py depends on'
         + f' grpcio>={GRPC_GENERATED_VERSION}.'
         + f' Please upgrade your grpc module to grpcio>={GRPC_GENERATED_VERSION}'
         + f' or downgrade your generated code using grpcio-tools<={GRPC_VERSION}.'
@@ -37,18 +37,18 @@ class RelayServiceStub:
         """
         self.Listen = channel.stream_stream(
                 '/homenet.v1.RelayService/Listen',
-                request_serializer=homenet_dot_control_dot_v1_dot_relay__pb2.ListenerMessage.SerializeToString,
-                response_deserializer=homenet_dot_control_dot_v1_dot_relay__pb2.RelayMessage.FromString,
+                request_serializer=homenet_dot_v1_dot_relay__pb2.ListenerMessage.SerializeToString,
+                response_deserializer=homenet_dot_v1_dot_relay__pb2.RelayMessage.FromString,
                 _registered_method=True)
         self.ListListeners = channel.unary_unary(
                 '/homenet.v1.RelayService/ListListeners',
-                request_serializer=homenet_dot_control_dot_v1_dot_relay__pb2.ListListenersRequest.SerializeToString,
-                response_deserializer=homenet_dot_control_dot_v1_dot_relay__pb2.ListListenersResponse.FromString,
+                request_serializer=homenet_dot_v1_dot_relay__pb2.ListListenersRequest.SerializeToString,
+                response_deserializer=homenet_dot_v1_dot_relay__pb2.ListListenersResponse.FromString,
                 _registered_method=True)
         self.Kick = channel.unary_unary(
                 '/homenet.v1.RelayService/Kick',
-                request_serializer=homenet_dot_control_dot_v1_dot_relay__pb2.KickRequest.SerializeToString,
-                response_deserializer=homenet_dot_control_dot_v1_dot_relay__pb2.KickResponse.FromString,
+                request_serializer=homenet_dot_v1_dot_relay__pb2.KickRequest.SerializeToString,
+                response_deserializer=homenet_dot_v1_dot_relay__pb2.KickResponse.FromString,
                 _registered_method=True)
 
 
@@ -85,18 +85,18 @@ def add_RelayServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
             'Listen': grpc.stream_stream_rpc_method_handler(
                     servicer.Listen,
-                    request_deserializer=homenet_dot_control_dot_v1_dot_relay__pb2.ListenerMessage.FromString,
-                    response_serializer=homenet_dot_control_dot_v1_dot_relay__pb2.RelayMessage.SerializeToString,
+                    request_deserializer=homenet_dot_v1_dot_relay__pb2.ListenerMessage.FromString,
+                    response_serializer=homenet_dot_v1_dot_relay__pb2.RelayMessage.SerializeToString,
             ),
             'ListListeners': grpc.unary_unary_rpc_method_handler(
                     servicer.ListListeners,
-                    request_deserializer=homenet_dot_control_dot_v1_dot_relay__pb2.ListListenersRequest.FromString,
-                    response_serializer=homenet_dot_control_dot_v1_dot_relay__pb2.ListListenersResponse.SerializeToString,
+                    request_deserializer=homenet_dot_v1_dot_relay__pb2.ListListenersRequest.FromString,
+                    response_serializer=homenet_dot_v1_dot_relay__pb2.ListListenersResponse.SerializeToString,
             ),
             'Kick': grpc.unary_unary_rpc_method_handler(
                     servicer.Kick,
-                    request_deserializer=homenet_dot_control_dot_v1_dot_relay__pb2.KickRequest.FromString,
-                    response_serializer=homenet_dot_control_dot_v1_dot_relay__pb2.KickResponse.SerializeToString,
+                    request_deserializer=homenet_dot_v1_dot_relay__pb2.KickRequest.FromString,
+                    response_serializer=homenet_dot_v1_dot_relay__pb2.KickResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -125,8 +125,8 @@ class RelayService:
             request_iterator,
             target,
             '/homenet.v1.RelayService/Listen',
-            homenet_dot_control_dot_v1_dot_relay__pb2.ListenerMessage.SerializeToString,
-            homenet_dot_control_dot_v1_dot_relay__pb2.RelayMessage.FromString,
+            homenet_dot_v1_dot_relay__pb2.ListenerMessage.SerializeToString,
+            homenet_dot_v1_dot_relay__pb2.RelayMessage.FromString,
             options,
             channel_credentials,
             insecure,
@@ -152,8 +152,8 @@ class RelayService:
             request,
             target,
             '/homenet.v1.RelayService/ListListeners',
-            homenet_dot_control_dot_v1_dot_relay__pb2.ListListenersRequest.SerializeToString,
-            homenet_dot_control_dot_v1_dot_relay__pb2.ListListenersResponse.FromString,
+            homenet_dot_v1_dot_relay__pb2.ListListenersRequest.SerializeToString,
+            homenet_dot_v1_dot_relay__pb2.ListListenersResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -179,8 +179,8 @@ class RelayService:
             request,
             target,
             '/homenet.v1.RelayService/Kick',
-            homenet_dot_control_dot_v1_dot_relay__pb2.KickRequest.SerializeToString,
-            homenet_dot_control_dot_v1_dot_relay__pb2.KickResponse.FromString,
+            homenet_dot_v1_dot_relay__pb2.KickRequest.SerializeToString,
+            homenet_dot_v1_dot_relay__pb2.KickResponse.FromString,
             options,
             channel_credentials,
             insecure,
