@@ -13,9 +13,10 @@ from google.protobuf.json_format import MessageToDict
 from google.protobuf.message import Message
 
 from homenet import __version__
-from homenet.cli.common import EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE, fail, run
+from homenet.cli.common import EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE, fail, quiet_broken_pipe, run
 from homenet.control.client import ControlClient, ControlError
-from homenet.node.address import DEFAULT_PORT, AddressError, parse_endpoint
+from homenet.control.v1 import discovery_pb2
+from homenet.node.address import DEFAULT_PORT, AddressError, ListenId, parse_endpoint, parse_url
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -34,6 +35,16 @@ def _parser() -> argparse.ArgumentParser:
     ):
         c = sub.add_parser(name, help=text, description=text.capitalize() + ".")
         c.add_argument("--json", action="store_true", help="print JSON")
+    q = sub.add_parser(
+        "query", help="list the LAN services of a remote home node",
+        description="List the services a node discovered, through any chain: hnctl query hn://relay/home1.",
+    )  # fmt: skip
+    q.add_argument("url", metavar="URL", help="hn://NODE[:PORT][/LISTENID...]: the node to ask")
+    q.add_argument("--name", default="", help="only services whose name or listenId contains this")
+    q.add_argument("--type", default="", help="only services of this type (_ssh._tcp, ssh, ...)")
+    q.add_argument("--json", action="store_true", help="print JSON")
+    q.add_argument("--watch", action="store_true", help="keep watching and print changes (Ctrl-C stops)")
+    q.add_argument("--interval", type=float, default=2.0, help="seconds between --watch polls (default 2)")
     kick = sub.add_parser("kick", help="end a listener's stream and free its listenId", description="Kick a listener.")
     kick.add_argument("listen_id", metavar="LISTENID")
     return p
@@ -109,6 +120,45 @@ async def _listeners(client: ControlClient, as_json: bool) -> None:
     print(_table(rows, ["LISTENID", "STATE", "PEER", "NAME", "SINCE", "SESSIONS", "UP", "DOWN", "POOL"]))
 
 
+def _service_row(s: discovery_pb2.Service) -> list[str]:
+    txt = " ".join(f"{k}={v}" for k, v in sorted(s.txt.items()))
+    return [s.name, s.type.removesuffix(".local."), s.listen_id, ",".join(s.addresses) or s.host, str(s.port), txt]
+
+
+_SERVICE_HEADER = ["NAME", "TYPE", "LISTENID", "ADDRESS", "PORT", "TXT"]
+
+
+async def _query(client: ControlClient, path: list[str], args: argparse.Namespace) -> None:
+    resp = await client.query(path, args.name, args.type)
+    if not args.watch:
+        if args.json:
+            print(json.dumps(_to_dict(resp)["services"], indent=2))
+        elif not resp.discovery_enabled:
+            print(f"node {resp.node} runs without discovery (--no-mdns)")
+        else:
+            print(_table([_service_row(s) for s in resp.services], _SERVICE_HEADER))
+        return
+    import asyncio
+
+    seen: dict[tuple[str, str], discovery_pb2.Service] = {}
+    while True:  # --watch: poll and print what changed, one line (or JSON object) per change
+        now = {(s.type, s.name): s for s in resp.services}
+        for key in sorted(now.keys() | seen.keys()):
+            old, new = seen.get(key), now.get(key)
+            if old == new:
+                continue
+            change = "removed" if new is None else "added" if old is None else "changed"
+            svc = new or old
+            assert svc is not None
+            if args.json:
+                print(json.dumps({"change": change, "service": _to_dict(svc)}), flush=True)
+            else:
+                print(f"{change:<8} " + "  ".join(_service_row(svc)), flush=True)
+        seen = now
+        await asyncio.sleep(args.interval)
+        resp = await client.query(path, args.name, args.type)
+
+
 async def _kick(client: ControlClient, listen_id: str) -> None:
     await client.kick(listen_id)
     print(f"kicked {listen_id}")
@@ -117,19 +167,31 @@ async def _kick(client: ControlClient, listen_id: str) -> None:
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``hnctl`` command."""
     args = _parser().parse_args(argv)
+    node, path = args.node, []
     try:
         parse_endpoint(args.node, DEFAULT_PORT)
     except AddressError as exc:
         fail(f"--node: {exc}", EXIT_USAGE)
+    if args.command == "query":
+        try:
+            route = parse_url(args.url)
+        except AddressError as exc:
+            fail(str(exc), EXIT_USAGE)
+        bad = [str(h) for h in route.hops if not isinstance(h, ListenId)]
+        if bad:
+            fail(f"query path must be listenIds of nodes, not {bad[0]}", EXIT_USAGE)
+        node, path = str(route.entry), [str(h) for h in route.hops]
 
     async def go() -> None:
-        async with ControlClient(args.node, args.timeout) as client:
+        async with ControlClient(node, args.timeout) as client:
             if args.command == "status":
                 await _status(client, args.json)
             elif args.command == "sessions":
                 await _sessions(client, args.json)
             elif args.command == "listeners":
                 await _listeners(client, args.json)
+            elif args.command == "query":
+                await _query(client, path, args)
             elif args.command == "kick":
                 await _kick(client, args.listen_id)
 
@@ -139,6 +201,8 @@ def main(argv: list[str] | None = None) -> int:
         fail(str(exc))
     except KeyboardInterrupt:
         return EXIT_INTERRUPTED
+    except BrokenPipeError:
+        return quiet_broken_pipe()
     return EXIT_OK
 
 

@@ -7,11 +7,20 @@ import sys
 from typing import Any
 
 from homenet import __version__
-from homenet.cli.common import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE, fail, raise_nofile, run
+from homenet.cli.common import (
+    EXIT_FAILED,
+    EXIT_INTERRUPTED,
+    EXIT_OK,
+    EXIT_USAGE,
+    fail,
+    quiet_broken_pipe,
+    raise_nofile,
+    run,
+)
 from homenet.node.address import AddressError, parse_endpoint, parse_url
 from homenet.node.client import RouteFailed
 from homenet.node.log import configure
-from homenet.node.settings import SettingsError, load_settings
+from homenet.node.settings import Settings, SettingsError, load_settings
 
 
 def _announce(line: str) -> None:
@@ -34,6 +43,11 @@ def _parser() -> argparse.ArgumentParser:
         help="direct targets this node may dial (repeatable; 'lan' = this host's private subnets)",
     )  # fmt: skip
     node.add_argument("--no-mdns", dest="mdns", action="store_const", const=False, help="turn LAN discovery off")
+    node.add_argument(
+        "--mdns-interface", action="append", metavar="ADDR",
+        help="run mDNS only on the interface with this address (repeatable; default: all)",
+    )  # fmt: skip
+    node.add_argument("--mdns-type", action="append", metavar="TYPE", help="service type to browse (repeatable)")
     node.add_argument("--config", help="TOML config file (flags > HOMENET_* env > file)")
     node.add_argument("--state-dir", help="where the node keeps its state")
     node.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
@@ -67,6 +81,19 @@ def _parser() -> argparse.ArgumentParser:
     conn.add_argument("--data", help="send TEXT instead of reading stdin, then half-close")
     conn.add_argument("--timeout", type=float, default=10.0, help="seconds to open the route (default 10)")
 
+    pub = sub.add_parser(
+        "publish", help="announce a service on the LAN over mDNS until stopped",
+        description="Announce a service on the LAN (mDNS) until stopped; HomeNet nodes list it and reach it.",
+    )  # fmt: skip
+    pub.add_argument("--name", required=True, help="instance name, e.g. 'Photos'")
+    pub.add_argument("--port", required=True, type=int, help="TCP port of the service")
+    pub.add_argument("--type", default="_homenet._tcp", help="service type (default _homenet._tcp)")
+    pub.add_argument("--txt", action="append", default=[], metavar="KEY=VALUE", help="TXT entry (repeatable)")
+    pub.add_argument(
+        "--mdns-interface", action="append", default=[], metavar="ADDR",
+        help="announce only on the interface with this address (repeatable; default: all)",
+    )  # fmt: skip
+
     lis = sub.add_parser(
         "listen", help="forward a local TCP port to URL",
         description="Forward every connection to a local port to URL.",
@@ -90,6 +117,8 @@ def _cmd_node(args: argparse.Namespace) -> int:
 
     flags: dict[str, Any] = {k: getattr(args, k) for k in _NODE_FLAGS}
     flags["rl"] = tuple(args.rl) if args.rl else None
+    flags["mdns_interface"] = tuple(args.mdns_interface) if args.mdns_interface else None
+    flags["mdns_types"] = tuple(args.mdns_type) if args.mdns_type else None
     flags["allow"] = tuple(args.allow) if args.allow else None
     try:
         settings = load_settings(flags, config=args.config)
@@ -183,16 +212,70 @@ def _cmd_listen(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _cmd_publish(args: argparse.Namespace) -> int:
+    from homenet.node.discovery import Advertiser, normalise_type
+
+    txt: dict[str, str] = {}
+    for item in args.txt:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            fail(f"bad --txt {item!r}: expected KEY=VALUE", EXIT_USAGE)
+        txt[key] = value
+    if not 0 < args.port < 65536:
+        fail(f"bad --port {args.port}: expected 1-65535", EXIT_USAGE)
+    try:
+        type_ = normalise_type(args.type)
+        Settings(mdns_interface=tuple(args.mdns_interface))
+    except SettingsError as exc:
+        fail(str(exc), EXIT_USAGE)
+    configure("warning")
+
+    async def serve() -> None:
+        import asyncio
+        import signal
+
+        adv = Advertiser(args.mdns_interface)
+        await adv.start()
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        try:
+            info = await adv.publish(args.name, type_, args.port, txt)
+            _announce(f"PUBLISHED {info.name} port {args.port}")
+            await stop.wait()
+        finally:
+            await adv.close()
+
+    run(serve())
+    return EXIT_OK
+
+
+_COMMANDS = {
+    "node": _cmd_node,
+    "rl": _cmd_rl,
+    "connect": _cmd_connect,
+    "listen": _cmd_listen,
+    "publish": _cmd_publish,
+}
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``homenet`` command."""
     args = _parser().parse_args(argv)
-    handler = {"node": _cmd_node, "rl": _cmd_rl, "connect": _cmd_connect, "listen": _cmd_listen}[args.command]
+    handler = {
+        "node": _cmd_node,
+        "rl": _cmd_rl,
+        "connect": _cmd_connect,
+        "publish": _cmd_publish,
+        "listen": _cmd_listen,
+    }[args.command]
     try:
         return handler(args)
     except KeyboardInterrupt:
         return EXIT_INTERRUPTED
     except BrokenPipeError:
-        return EXIT_FAILED
+        return quiet_broken_pipe()
 
 
 if __name__ == "__main__":

@@ -11,15 +11,20 @@ import signal
 import socket
 from collections.abc import Callable
 
+from homenet.control.discovery import DiscoveryServicer
 from homenet.control.relay import RelayServicer
 from homenet.control.rl import Refused, RLClient, RLOptions
 from homenet.control.server import ControlServer
-from homenet.control.v1 import relay_pb2_grpc
-from homenet.node.address import Endpoint, parse_url
+from homenet.control.v1 import discovery_pb2_grpc, relay_pb2_grpc
+from homenet.node.address import Endpoint, ListenId, parse_url
+from homenet.node.dialer import DialError
+from homenet.node.discovery import DEFAULT_TYPES, HOMENET_TYPE, Advertiser, Discovery, dial_service, node_txt
 from homenet.node.log import fields
+from homenet.node.preamble import Code
+from homenet.node.query import QueryRouter
 from homenet.node.relay import Relay, RelaySettings
 from homenet.node.remote import FixedTarget
-from homenet.node.server import Node
+from homenet.node.server import Handshake, ListenerRoute, Node, RouteError, Target
 from homenet.node.settings import Settings
 
 log = logging.getLogger("homenet.app")
@@ -56,12 +61,29 @@ async def run_node(settings: Settings, announce: Callable[[str], None], stop: as
     control = ControlServer()
     node = Node(settings)
     relay = Relay(node, RelaySettings(ping_interval=settings.ping_interval, offline_hold=settings.offline_hold))
+    discovery = (
+        Discovery(settings.mdns_interface, settings.mdns_types or DEFAULT_TYPES, settings.state_dir, settings.name)
+        if settings.mdns
+        else None
+    )
+    router = QueryRouter(settings.name, relay, discovery)
+    node.listener_route = _listener_route(node, relay, discovery)
     control.add_node(node)
     relay_pb2_grpc.add_RelayServiceServicer_to_server(RelayServicer(relay), control.server)
+    discovery_pb2_grpc.add_DiscoveryServiceServicer_to_server(DiscoveryServicer(router), control.server)
     node.control_endpoint = await control.start()
+    advertiser: Advertiser | None = None
     try:
         await node.start()
+        if discovery is not None:
+            await discovery.start()
+            advertiser = Advertiser(settings.mdns_interface)
+            await advertiser.start(discovery.azc)
+            await advertiser.publish(settings.name, HOMENET_TYPE, node.address.port, node_txt([]))
     except BaseException:
+        if discovery is not None:
+            await discovery.close()
+        await node.close()
         await control.stop(0)
         raise
     relay.start()
@@ -72,9 +94,23 @@ async def run_node(settings: Settings, announce: Callable[[str], None], stop: as
     async def serve(sock: socket.socket, desc: str, early: bytes, depth: int) -> None:
         node.serve_accepted(sock, desc, early, depth)
 
+    clients = [RLClient(_rl_options(settings, u, node.node_id), serve, announce, router.query) for u in settings.rl]
+    background: set[asyncio.Task[None]] = set()
+    if advertiser is not None:
+        adv = advertiser
+
+        def on_listening(line: str) -> None:  # keep our mDNS record's RL URLs current
+            announce(line)
+            urls = [c.url for c in clients if c.listen_id]
+            task = loop.create_task(adv.update_txt(adv.infos[0], node_txt(urls)))
+            background.add(task)
+            task.add_done_callback(background.discard)
+
+        for c in clients:
+            c.announce = on_listening
+
     failures: list[BaseException] = []
-    tasks = _run_clients([RLClient(_rl_options(settings, u, node.node_id), serve, announce) for u in settings.rl],
-                         stop, failures)  # fmt: skip
+    tasks = _run_clients(clients, stop, failures)
     try:
         await stop.wait()
         log.info("node.stopping", extra=fields(sessions=len(node.sessions), grace=settings.drain_grace))
@@ -86,6 +122,10 @@ async def run_node(settings: Settings, announce: Callable[[str], None], stop: as
         await asyncio.gather(node.drain(settings.drain_grace), control.stop(settings.drain_grace))
     finally:
         await _cancel(tasks)
+        if advertiser is not None:
+            await advertiser.close()
+        if discovery is not None:
+            await discovery.close()
         await relay.close()
         await node.close()
         await control.stop(0)
@@ -94,6 +134,27 @@ async def run_node(settings: Settings, announce: Callable[[str], None], stop: as
     log.info("node.stopped", extra=fields(sessions=node.totals.sessions))
     if failures:
         raise Fatal(str(failures[0]))
+
+
+def _listener_route(node: Node, relay: Relay, discovery: Discovery | None) -> ListenerRoute:
+    """listenId hops: listeners registered here first, then services discovered on the LAN."""
+
+    async def route(hs: Handshake, hop: ListenId) -> Target:
+        try:
+            return await relay.route_listener(hs, hop)
+        except RouteError as exc:
+            svc = discovery.by_listen_id(hop.value) if discovery is not None else None
+            if exc.code is not Code.NOT_FOUND or svc is None:
+                if exc.code is Code.NOT_FOUND:
+                    raise RouteError(Code.NOT_FOUND, f"no listener or service {hop} on this node") from None
+                raise
+        try:
+            dialed = await dial_service(svc, node.policy, node.settings.dial_timeout)
+        except DialError as err:
+            raise RouteError(err.code, f"service {hop}: {err.reason}") from None
+        return Target(dialed.sock, f"service {hop} ({dialed})")
+
+    return route
 
 
 def _run_clients(

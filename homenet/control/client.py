@@ -6,7 +6,7 @@ from types import TracebackType
 
 import grpc
 
-from homenet.control.v1 import node_pb2, node_pb2_grpc, relay_pb2, relay_pb2_grpc
+from homenet.control.v1 import discovery_pb2, discovery_pb2_grpc, node_pb2, node_pb2_grpc, relay_pb2, relay_pb2_grpc
 from homenet.node.address import DEFAULT_PORT, parse_endpoint
 
 
@@ -15,13 +15,15 @@ class ControlError(Exception):
 
 
 def _describe(exc: grpc.aio.AioRpcError, target: str) -> str:
-    code = exc.code()
+    code, details = exc.code(), exc.details() or ""
+    if code == grpc.StatusCode.UNAVAILABLE and "offline" in details:
+        return details  # a listener down the route, not the node we talk to
     if code == grpc.StatusCode.UNAVAILABLE:
-        return f"node {target} is unreachable ({exc.details() or 'unavailable'}); is it running?"
+        return f"node {target} is unreachable ({details or 'unavailable'}); is it running?"
     if code == grpc.StatusCode.DEADLINE_EXCEEDED:
-        return f"node {target} did not answer in time"
-    if code == grpc.StatusCode.NOT_FOUND:
-        return f"{exc.details()}"
+        return details if "did not answer" in details else f"node {target} did not answer in time"
+    if code in (grpc.StatusCode.NOT_FOUND, grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.ALREADY_EXISTS):
+        return details
     if code == grpc.StatusCode.UNIMPLEMENTED:
         return f"node {target} does not support this call (older version?)"
     return f"node {target}: {code.name.lower()}: {exc.details()}"
@@ -37,6 +39,7 @@ class ControlClient:
         self.channel = grpc.aio.insecure_channel(self.target)
         self.nodes = node_pb2_grpc.NodeServiceStub(self.channel)
         self.relay = relay_pb2_grpc.RelayServiceStub(self.channel)
+        self.discovery = discovery_pb2_grpc.DiscoveryServiceStub(self.channel)
 
     async def __aenter__(self) -> ControlClient:
         return self
@@ -67,5 +70,13 @@ class ControlClient:
     async def kick(self, listen_id: str) -> relay_pb2.KickResponse:
         try:
             return await self.relay.Kick(relay_pb2.KickRequest(listen_id=listen_id), timeout=self.timeout)
+        except grpc.aio.AioRpcError as exc:
+            raise ControlError(_describe(exc, self.target)) from None
+
+    async def query(self, path: list[str], name: str = "", type_: str = "") -> discovery_pb2.QueryResponse:
+        """Services of the node at the end of ``path`` (listenIds from this node)."""
+        request = discovery_pb2.QueryRequest(path=path, name=name, type=type_)
+        try:
+            return await self.discovery.Query(request, timeout=self.timeout)
         except grpc.aio.AioRpcError as exc:
             raise ControlError(_describe(exc, self.target)) from None

@@ -29,3 +29,14 @@ def status_of(exc: Exception) -> grpc.StatusCode:
         if cls in STATUS:
             return STATUS[cls]
     return grpc.StatusCode.INTERNAL
+
+
+#: Discovery query failures (``QueryError.kind``) as gRPC status codes, and back.
+QUERY_STATUS: dict[str, grpc.StatusCode] = {
+    "not_found": grpc.StatusCode.NOT_FOUND,
+    "unavailable": grpc.StatusCode.UNAVAILABLE,
+    "deadline": grpc.StatusCode.DEADLINE_EXCEEDED,
+    "invalid": grpc.StatusCode.INVALID_ARGUMENT,
+    "failed": grpc.StatusCode.INTERNAL,
+}
+QUERY_KIND: dict[int, str] = {code.value[0]: kind for kind, code in QUERY_STATUS.items()}

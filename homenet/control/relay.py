@@ -11,10 +11,20 @@ from typing import Any
 import grpc
 
 from homenet import __version__
-from homenet.control.errors import status_of
-from homenet.control.v1 import relay_pb2, relay_pb2_grpc
-from homenet.node.listeners import Incoming, Listener, ListenerError, ListenerSession, Ping, PoolGrant
+from homenet.control.discovery import answer_from_pb
+from homenet.control.errors import QUERY_KIND, status_of
+from homenet.control.v1 import discovery_pb2, relay_pb2, relay_pb2_grpc
+from homenet.node.listeners import (
+    Event,
+    Incoming,
+    Listener,
+    ListenerError,
+    ListenerSession,
+    PoolGrant,
+    QueryEvent,
+)
 from homenet.node.log import fields
+from homenet.node.query import Query, QueryError
 from homenet.node.relay import Registration, Relay
 
 log = logging.getLogger("homenet.control.relay")
@@ -34,13 +44,18 @@ def peer_of(context: grpc.aio.ServicerContext[Any, Any], relay: Relay) -> str:
     return relay.node.control_peer(port) or peer
 
 
-def to_event_message(event: Incoming | PoolGrant | Ping) -> relay_pb2.RelayMessage:
+def to_event_message(event: Event) -> relay_pb2.RelayMessage:
     if isinstance(event, Incoming):
         return relay_pb2.RelayMessage(
             incoming=relay_pb2.Incoming(ticket=event.ticket, client=event.client, expires_in=event.expires_in)
         )
     if isinstance(event, PoolGrant):
         return relay_pb2.RelayMessage(pool_grant=relay_pb2.PoolGrant(ticket=event.ticket, expires_in=event.expires_in))
+    if isinstance(event, QueryEvent):
+        q = event.query
+        assert isinstance(q, Query)
+        request = discovery_pb2.QueryRequest(path=list(q.path), name=q.name, type=q.type)
+        return relay_pb2.RelayMessage(query=relay_pb2.ForwardedQuery(id=event.id, request=request, timeout=q.timeout))
     return relay_pb2.RelayMessage(ping=relay_pb2.Ping(seq=event.seq))
 
 
@@ -96,6 +111,14 @@ class RelayServicer(relay_pb2_grpc.RelayServiceServicer):
                 kind = msg.WhichOneof("msg")
                 if kind == "dial_failed":
                     self.relay.dial_failed(session, msg.dial_failed.ticket, msg.dial_failed.reason)
+                elif kind == "query_result":
+                    r = msg.query_result
+                    answer = (
+                        QueryError(QUERY_KIND.get(r.error_code, "failed"), r.error[:300])
+                        if r.error_code
+                        else answer_from_pb(r.response)
+                    )
+                    self.relay.query_answered(session, r.id, answer)
         except Exception as exc:  # a broken stream: the listener is gone
             session.close(f"stream broke: {type(exc).__name__}")
             return

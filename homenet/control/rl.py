@@ -14,7 +14,7 @@ import hashlib
 import json
 import logging
 import os
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,10 +22,13 @@ import grpc
 from tenacity import AsyncRetrying, retry_if_exception_type, wait_random_exponential
 
 from homenet import __version__
+from homenet.control.discovery import answer_to_pb, query_from_pb
+from homenet.control.errors import QUERY_STATUS
 from homenet.control.v1 import relay_pb2, relay_pb2_grpc
 from homenet.node.address import Route
 from homenet.node.forward import Forwarder
 from homenet.node.log import fields
+from homenet.node.query import Query, QueryAnswer, QueryError
 from homenet.node.remote import RemoteListen, Serve
 
 log = logging.getLogger("homenet.rl")
@@ -90,10 +93,17 @@ class StateFile:
 class RLClient:
     """Keeps one registration alive on one relay."""
 
-    def __init__(self, opts: RLOptions, serve: Serve, announce: Callable[[str], None]) -> None:
+    def __init__(
+        self,
+        opts: RLOptions,
+        serve: Serve,
+        announce: Callable[[str], None],
+        answer: Callable[[Query], Awaitable[QueryAnswer]] | None = None,
+    ) -> None:
         self.opts = opts
         self.serve = serve
         self.announce = announce
+        self.answer = answer
         self.state = StateFile(opts.state_dir, str(opts.route))
         self.listen_id = ""
         self.registered = asyncio.Event()
@@ -153,6 +163,7 @@ class RLClient:
             ],
         )
         remote: RemoteListen | None = None
+        self.registered_once_this_session = False
         write_lock = asyncio.Lock()
         call = relay_pb2_grpc.RelayServiceStub(channel).Listen()  # type: ignore[call-arg]  # stubs miss aio
 
@@ -174,6 +185,7 @@ class RLClient:
             self.listen_id = reg.listen_id
             self.state.save(reg.listen_id, reg.resume_secret)
             self._ever_registered = True
+            self.registered_once_this_session = True
             self.registered.set()
             log.info("rl.registered", extra=fields(url=self.url, pool=reg.pool_size))
             self.announce(f"LISTENING {self.url}")
@@ -198,8 +210,10 @@ class RLClient:
                     remote.pool_grant(msg.pool_grant.ticket)
                 elif kind == "ping":
                     await send(relay_pb2.ListenerMessage(pong=relay_pb2.Pong(seq=msg.ping.seq)))
+                elif kind == "query":
+                    remote.spawn(self._answer(msg.query, send))
         except grpc.aio.AioRpcError as exc:
-            if exc.code() in _FATAL:
+            if exc.code() in _FATAL and not self.registered_once_this_session:
                 message = f"relay {self.opts.route} refused {listen_id or 'registration'}: {exc.details()}"
                 if not self._ever_registered:
                     raise Refused(message) from None
@@ -216,3 +230,19 @@ class RLClient:
             call.cancel()
             with contextlib.suppress(Exception):
                 await channel.close(None)
+
+    async def _answer(
+        self, fq: relay_pb2.ForwardedQuery, send: Callable[[relay_pb2.ListenerMessage], Awaitable[None]]
+    ) -> None:
+        """Answer a forwarded discovery query (from our table, or further down our listeners)."""
+        query = query_from_pb(fq.request, max(0.1, fq.timeout))
+        result = relay_pb2.QueryResult(id=fq.id)
+        try:
+            if self.answer is None:
+                raise QueryError("not_found", "this listener is a one-service forwarder, not a node")
+            result.response.CopyFrom(answer_to_pb(await self.answer(query)))
+        except QueryError as exc:
+            result.error_code = QUERY_STATUS[exc.kind].value[0]
+            result.error = exc.message
+        with contextlib.suppress(Exception):
+            await send(relay_pb2.ListenerMessage(query_result=result))

@@ -72,7 +72,15 @@ class Ping:
     seq: int
 
 
-Event = Incoming | PoolGrant | Ping
+@dataclass(frozen=True, slots=True)
+class QueryEvent:
+    """Event: answer a discovery query (``query`` is a :class:`homenet.node.query.Query`)."""
+
+    id: int
+    query: object
+
+
+Event = Incoming | PoolGrant | Ping | QueryEvent
 
 
 class ListenerSession:

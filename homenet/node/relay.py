@@ -28,9 +28,11 @@ from homenet.node.listeners import (
     ListenerSession,
     Ping,
     PoolGrant,
+    QueryEvent,
 )
 from homenet.node.log import fields
 from homenet.node.preamble import Code, Verb, encode_reply
+from homenet.node.query import Query, QueryAnswer, QueryError
 from homenet.node.server import Handshake, Node, RouteError, SessionInfo, Target
 from homenet.node.tickets import TicketBook, TicketError
 
@@ -89,6 +91,8 @@ class Relay:
         self.registry = ListenerRegistry(self.settings.offline_hold)
         self.tickets: TicketBook[object] = TicketBook()
         self._parked_at: dict[int, float] = {}
+        self._queries: dict[int, tuple[ListenerSession, asyncio.Future[QueryAnswer]]] = {}
+        self._query_ids = 0
         self._seq = 0
         self._ticker: asyncio.Task[None] | None = None
         node.listener_route = self.route_listener
@@ -163,9 +167,49 @@ class Relay:
         if waiter.session is session and not waiter.fut.done():
             waiter.fut.set_exception(RouteError(Code.BAD_GATEWAY, f"listener could not dial back: {reason[:200]}"))
 
+    # -- discovery queries ------------------------------------------------------------------
+    async def forward_query(self, listen_id: str, query: Query) -> QueryAnswer:
+        """Ask listener ``listen_id`` (and, through it, the rest of ``query.path``)."""
+        try:
+            lst = self.registry.get(listen_id)
+        except ListenerNotFound as exc:
+            raise QueryError("not_found", str(exc)) from None
+        except ListenerOffline as exc:
+            raise QueryError("unavailable", str(exc)) from None
+        session = lst.session
+        assert session is not None
+        self._query_ids += 1
+        qid = self._query_ids
+        fut: asyncio.Future[QueryAnswer] = asyncio.get_running_loop().create_future()
+        self._queries[qid] = (session, fut)
+        session.send(QueryEvent(qid, query))
+        try:
+            async with asyncio.timeout(query.timeout + 0.1):
+                return await fut
+        except TimeoutError:
+            raise QueryError("deadline", f"listener {listen_id} did not answer within {query.timeout:g}s") from None
+        finally:
+            self._queries.pop(qid, None)
+
+    def query_answered(self, session: ListenerSession, qid: int, answer: QueryAnswer | QueryError) -> None:
+        """A listener's answer to query ``qid`` (ignored unless it came from the asked session)."""
+        pending = self._queries.get(qid)
+        if pending is None or pending[0] is not session or pending[1].done():
+            return
+        if isinstance(answer, QueryError):
+            pending[1].set_exception(answer)
+        else:
+            pending[1].set_result(answer)
+
+    def _fail_queries(self, session: ListenerSession) -> None:
+        for s, fut in list(self._queries.values()):
+            if s is session and not fut.done():
+                fut.set_exception(QueryError("unavailable", "listener went offline while answering"))
+
     def _offline(self, lst: Listener) -> None:
         if lst.session is not None:
             self.tickets.revoke_owner(lst.session)
+            self._fail_queries(lst.session)
             lst.session.close(lst.session.close_reason or "offline")
         self._drop_pool(lst)
         lst.grants_out = 0

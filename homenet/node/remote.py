@@ -47,18 +47,19 @@ class RemoteListen:
         self.parked = 0
         self._tasks: set[asyncio.Task[None]] = set()
 
-    def _spawn(self, coro: Awaitable[None]) -> None:
+    def spawn(self, coro: Awaitable[None]) -> None:
+        """Run ``coro`` as a task owned by this registration (cancelled on close)."""
         task = asyncio.ensure_future(coro)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
     def incoming(self, ticket: str, client: str) -> None:
         """A client is waiting at the relay: dial back with ``ticket``."""
-        self._spawn(self._dial_back(ticket, client))
+        self.spawn(self._dial_back(ticket, client))
 
     def pool_grant(self, ticket: str) -> None:
         """The relay allows one more parked connection."""
-        self._spawn(self._park(ticket))
+        self.spawn(self._park(ticket))
 
     async def _dial_back(self, ticket: str, client: str) -> None:
         try:

@@ -8,6 +8,7 @@ with a one-line message naming where it came from.
 from __future__ import annotations
 
 import dataclasses
+import ipaddress
 import os
 import re
 import socket
@@ -40,6 +41,10 @@ class Settings:
     listen_id: str | None = None
     allow: tuple[str, ...] = ()
     mdns: bool = True
+    #: Addresses of the interfaces to run mDNS on (empty: all).
+    mdns_interface: tuple[str, ...] = ()
+    #: Service types to browse (empty: HomeNet's default list).
+    mdns_types: tuple[str, ...] = ()
     state_dir: str = field(default_factory=_default_state_dir)
     log_level: str = "info"
     log_format: str = "text"
@@ -76,6 +81,12 @@ class Settings:
                 parse_url(url)
             except AddressError as exc:
                 raise SettingsError(f"rl: {exc}") from None
+        for iface in self.mdns_interface:
+            if iface != "all":
+                try:
+                    ipaddress.ip_address(iface)
+                except ValueError:
+                    raise SettingsError(f"mdns_interface {iface!r}: expected an IP address of this host") from None
         if self.log_level not in ("debug", "info", "warning", "error"):
             raise SettingsError(f"log_level {self.log_level!r}: expected debug, info, warning or error")
         if self.log_format not in ("text", "json"):

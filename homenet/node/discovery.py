@@ -1,0 +1,387 @@
+"""LAN discovery over mDNS: browse common service types, keep a table, advertise ourselves.
+
+Every service found gets a readable listenId derived from its type and instance name
+(``living-room-nas-smb``), unique on this node and kept in the state directory, so the
+same service has the same id across restarts of the node and of the service.
+
+mDNS input is hostile by default: names, TXT records and addresses are bounded and cleaned
+before they enter the table; whether an advertised address may be dialed is the target
+policy's decision, at dial time, like any other target.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import ipaddress
+import json
+import logging
+import os
+import re
+import socket
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from zeroconf import IPVersion, ServiceStateChange, Zeroconf
+from zeroconf.asyncio import AsyncServiceBrowser, AsyncServiceInfo, AsyncZeroconf
+
+from homenet import __version__
+from homenet.node.address import Endpoint
+from homenet.node.dialer import Dialed, Dialer, DialError
+from homenet.node.log import fields
+from homenet.node.policy import TargetPolicy
+
+log = logging.getLogger("homenet.discovery")
+
+HOMENET_TYPE = "_homenet._tcp.local."
+#: What a home node browses by default: HomeNet itself and the services homes run.
+DEFAULT_TYPES = (
+    HOMENET_TYPE,
+    "_http._tcp.local.",
+    "_https._tcp.local.",
+    "_ssh._tcp.local.",
+    "_sftp-ssh._tcp.local.",
+    "_smb._tcp.local.",
+    "_afpovertcp._tcp.local.",
+    "_nfs._tcp.local.",
+    "_webdav._tcp.local.",
+    "_ipp._tcp.local.",
+    "_ipps._tcp.local.",
+    "_printer._tcp.local.",
+    "_pdl-datastream._tcp.local.",
+    "_raop._tcp.local.",
+    "_airplay._tcp.local.",
+    "_googlecast._tcp.local.",
+    "_hap._tcp.local.",
+    "_mqtt._tcp.local.",
+    "_plexmediasvr._tcp.local.",
+    "_daap._tcp.local.",
+    "_rfb._tcp.local.",
+    "_home-assistant._tcp.local.",
+)
+
+MAX_SERVICES = 1024
+MAX_TXT_KEYS = 32
+MAX_TXT_VALUE = 255
+MAX_NAME = 63
+RESOLVE_TIMEOUT_MS = 3000
+_TYPE = re.compile(r"_[a-z0-9-]{1,15}\._(tcp|udp)\.local\.")
+
+
+@dataclass(slots=True)
+class Service:
+    """One service instance seen on the LAN."""
+
+    listen_id: str
+    name: str
+    type: str
+    host: str
+    addresses: list[str]
+    port: int
+    txt: dict[str, str]
+    first_seen: float = field(default_factory=time.time)
+    last_seen: float = field(default_factory=time.time)
+
+
+def normalise_type(text: str) -> str:
+    """``ssh`` / ``_ssh._tcp`` / ``_ssh._tcp.local.`` -> ``_ssh._tcp.local.``."""
+    t = text.strip().lower()
+    if not t.startswith("_"):
+        t = f"_{t}._tcp"
+    if not t.endswith(".local."):
+        t = t.rstrip(".") + ".local."
+    return t
+
+
+def clean_text(raw: str, limit: int = MAX_NAME) -> str:
+    """Printable, bounded text for names coming off the network."""
+    return "".join(ch for ch in raw if ch.isprintable())[:limit]
+
+
+def clean_txt(props: dict[bytes, bytes | None]) -> dict[str, str]:
+    """Bounded TXT: at most MAX_TXT_KEYS keys, values cut to MAX_TXT_VALUE, printable only."""
+    out: dict[str, str] = {}
+    for key, value in list(props.items())[:MAX_TXT_KEYS]:
+        k = clean_text(key.decode("utf-8", "replace"), 64)
+        if not k:
+            continue
+        out[k] = clean_text((value or b"").decode("utf-8", "replace"), MAX_TXT_VALUE)
+    return out
+
+
+def instance_of(full_name: str, type_: str) -> str:
+    """``My NAS._smb._tcp.local.`` -> ``My NAS``."""
+    return full_name[: -len(type_) - 1] if full_name.endswith("." + type_) else full_name
+
+
+def _slug(text: str, limit: int) -> str:
+    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")[:limit].strip("-")
+
+
+class ListenIdBook:
+    """Stable listenIds for services, persisted as JSON in the state directory."""
+
+    def __init__(self, path: Path | None) -> None:
+        self.path = path
+        self._ids: dict[str, str] = {}
+        if path is not None:
+            with contextlib.suppress(OSError, ValueError):
+                data = json.loads(path.read_text())
+                if isinstance(data, dict):
+                    self._ids = {str(k): str(v) for k, v in data.items()}
+
+    def id_for(self, type_: str, name: str) -> str:
+        """The listenId of (type, instance name): the remembered one, else a new unique one."""
+        key = f"{type_}|{name}"
+        if key in self._ids:
+            return self._ids[key]
+        base = _slug(name, 40) or "svc-" + hashlib.sha256(name.encode()).hexdigest()[:6]
+        kind = _slug(type_.split(".", 1)[0], 16) or "svc"
+        candidate = f"{base}-{kind}"
+        taken = set(self._ids.values())
+        n = 2
+        while candidate in taken:
+            candidate = f"{base}-{kind}-{n}"
+            n += 1
+        self._ids[key] = candidate
+        self._save()
+        return candidate
+
+    def _save(self) -> None:
+        if self.path is None:
+            return
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = self.path.with_suffix(".tmp")
+            tmp.write_text(json.dumps(self._ids, indent=1, sort_keys=True))
+            os.replace(tmp, self.path)
+        except OSError as exc:
+            log.warning("discovery.ids_not_saved", extra=fields(path=str(self.path), error=str(exc)))
+
+
+def _interfaces(spec: Sequence[str]) -> tuple[list[str] | None, IPVersion]:
+    """zeroconf interface choice from ``--mdns-interface`` values (IP addresses; empty = all)."""
+    if not spec or any(s == "all" for s in spec):
+        return None, IPVersion.V4Only
+    addrs = [str(ipaddress.ip_address(s)) for s in spec]
+    v6 = any(":" in a for a in addrs)
+    v4 = any(":" not in a for a in addrs)
+    return addrs, IPVersion.All if v4 and v6 else (IPVersion.V6Only if v6 else IPVersion.V4Only)
+
+
+def advertised_addresses(interfaces: list[str] | None) -> list[bytes]:
+    """Packed addresses to put in our own A records."""
+    if interfaces:
+        return [ipaddress.ip_address(a).packed for a in interfaces if ":" not in a]
+    import ifaddr
+
+    out: list[bytes] = []
+    for adapter in ifaddr.get_adapters():
+        for ip in adapter.ips:
+            if isinstance(ip.ip, str):
+                addr = ipaddress.IPv4Address(ip.ip)
+                if not addr.is_loopback and not addr.is_link_local:
+                    out.append(addr.packed)
+    return out
+
+
+class Discovery:
+    """Browses mDNS and keeps the service table; owns its zeroconf instance and tasks."""
+
+    def __init__(
+        self,
+        interfaces: Sequence[str] = (),
+        types: Iterable[str] = DEFAULT_TYPES,
+        state_dir: str | None = None,
+        own_name: str = "",
+    ) -> None:
+        self.types = [normalise_type(t) for t in types]
+        self.ifaces, self.ip_version = _interfaces(interfaces)
+        self.ids = ListenIdBook(Path(state_dir) / "services.json" if state_dir else None)
+        self.own_name = own_name
+        self.services: dict[tuple[str, str], Service] = {}
+        self.azc: AsyncZeroconf | None = None
+        self._browser: AsyncServiceBrowser | None = None
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._resolving = asyncio.Semaphore(8)
+        self.changed = asyncio.Event()
+
+    async def start(self) -> None:
+        self.azc = AsyncZeroconf(interfaces=self.ifaces or _all(), ip_version=self.ip_version)
+        self._browser = AsyncServiceBrowser(self.azc.zeroconf, self.types, handlers=[self._on_change])
+        log.info("discovery.started", extra=fields(types=len(self.types), interfaces=self.ifaces or "all"))
+
+    async def close(self) -> None:
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self._browser is not None:
+            await self._browser.async_cancel()
+        if self.azc is not None:
+            await self.azc.async_close()
+
+    def _on_change(self, zeroconf: Zeroconf, service_type: str, name: str, state_change: ServiceStateChange) -> None:
+        key = (service_type, name)
+        if state_change is ServiceStateChange.Removed:
+            gone = self.services.pop(key, None)
+            if gone is not None:
+                log.info("discovery.removed", extra=fields(name=gone.name, type=service_type, listen_id=gone.listen_id))
+                self._notify()
+            return
+        if len(self.services) >= MAX_SERVICES and key not in self.services:
+            log.warning("discovery.table_full", extra=fields(limit=MAX_SERVICES))
+            return
+        task = asyncio.get_running_loop().create_task(self._resolve(service_type, name))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _resolve(self, type_: str, name: str) -> None:
+        assert self.azc is not None
+        if not _TYPE.fullmatch(type_) or len(name) > 255:
+            return
+        instance = clean_text(instance_of(name, type_))
+        if not instance or (type_ == HOMENET_TYPE and instance == self.own_name):
+            return
+        async with self._resolving:
+            info = AsyncServiceInfo(type_, name)
+            try:
+                ok = await info.async_request(self.azc.zeroconf, RESOLVE_TIMEOUT_MS)
+            except Exception as exc:  # malformed records must not hurt the node
+                log.debug("discovery.resolve_failed", extra=fields(name=name[:80], error=str(exc)))
+                return
+        if not ok or not info.port:
+            return
+        addresses = [a for a in info.parsed_scoped_addresses() if _is_ip(a)][:16]
+        now = time.time()
+        key = (type_, name)
+        old = self.services.get(key)
+        svc = Service(
+            listen_id=self.ids.id_for(type_, instance),
+            name=instance,
+            type=type_,
+            host=clean_text((info.server or "").rstrip("."), 253),
+            addresses=addresses,
+            port=int(info.port),
+            txt=clean_txt(info.properties),
+            first_seen=old.first_seen if old else now,
+            last_seen=now,
+        )
+        self.services[key] = svc
+        if old is None or (old.addresses, old.port, old.txt) != (svc.addresses, svc.port, svc.txt):
+            log.info(
+                "discovery.found",
+                extra=fields(name=svc.name, type=type_, listen_id=svc.listen_id, port=svc.port, addresses=addresses),
+            )
+            self._notify()
+
+    def _notify(self) -> None:
+        self.changed.set()
+        self.changed = asyncio.Event()
+
+    def by_listen_id(self, listen_id: str) -> Service | None:
+        for svc in self.services.values():
+            if svc.listen_id == listen_id:
+                return svc
+        return None
+
+    def query(self, name: str = "", type_: str = "") -> list[Service]:
+        """Services whose name or listenId contains ``name`` and whose type is ``type_``."""
+        needle = name.lower()
+        want = normalise_type(type_) if type_ else ""
+        out = [
+            s
+            for s in self.services.values()
+            if (not needle or needle in s.name.lower() or needle in s.listen_id) and (not want or s.type == want)
+        ]
+        return sorted(out, key=lambda s: (s.type, s.name))
+
+
+def _is_ip(text: str) -> bool:
+    try:
+        ipaddress.ip_address(text.split("%", 1)[0])
+    except ValueError:
+        return False
+    return True
+
+
+def _all() -> list[str]:
+    from zeroconf import InterfaceChoice
+
+    return InterfaceChoice.All  # type: ignore[return-value]
+
+
+class Advertiser:
+    """Announces services on the LAN until closed (the node itself, or ``homenet publish``)."""
+
+    def __init__(self, interfaces: Sequence[str] = ()) -> None:
+        self.ifaces, self.ip_version = _interfaces(interfaces)
+        self.azc: AsyncZeroconf | None = None
+        self.infos: list[AsyncServiceInfo] = []
+
+    async def start(self, azc: AsyncZeroconf | None = None) -> None:
+        self._own = azc is None
+        self.azc = azc or AsyncZeroconf(interfaces=self.ifaces or _all(), ip_version=self.ip_version)
+
+    async def publish(self, name: str, type_: str, port: int, txt: dict[str, str]) -> AsyncServiceInfo:
+        """Register one service; returns its info (the name may get a suffix on conflict)."""
+        assert self.azc is not None
+        type_ = normalise_type(type_)
+        host = clean_text(socket.gethostname().split(".")[0], 63) or "homenet"
+        info = AsyncServiceInfo(
+            type_,
+            f"{clean_text(name)}.{type_}",
+            port=port,
+            properties=dict(txt),
+            server=f"{host}.local.",
+            addresses=advertised_addresses(self.ifaces),
+        )
+        await self.azc.async_register_service(info, allow_name_change=True)
+        self.infos.append(info)
+        log.info("discovery.published", extra=fields(name=info.name, port=port))
+        return info
+
+    async def update_txt(self, info: AsyncServiceInfo, txt: dict[str, str]) -> None:
+        assert self.azc is not None
+        new = AsyncServiceInfo(
+            info.type, info.name, port=info.port, properties=dict(txt), server=info.server,
+            addresses=info.addresses,
+        )  # fmt: skip
+        await self.azc.async_update_service(new)
+        self.infos[self.infos.index(info)] = new
+
+    async def close(self) -> None:
+        if self.azc is None:
+            return
+        with contextlib.suppress(Exception):
+            await self.azc.async_unregister_all_services()
+        if self._own:
+            await self.azc.async_close()
+
+
+def node_txt(rl_urls: Iterable[str]) -> dict[str, str]:
+    """TXT of a node's own ``_homenet._tcp`` record."""
+    urls = " ".join(rl_urls)
+    return {"version": __version__, "rl": urls[:MAX_TXT_VALUE]}
+
+
+def service_policy(policy: TargetPolicy) -> TargetPolicy:
+    """Discovered services are allowed targets; guarded ranges (loopback, link-local,
+    metadata) still need the node's explicit ``--allow``, as for any target."""
+    everything = (ipaddress.IPv4Network("0.0.0.0/0"), ipaddress.IPv6Network("::/0"))
+    return TargetPolicy((*everything, *policy.allow), policy.own)
+
+
+async def dial_service(svc: Service, policy: TargetPolicy, timeout: float) -> Dialed:
+    """Dial a discovered service at the first of its addresses that the policy allows."""
+    dialer = Dialer(service_policy(policy), timeout)
+    last: DialError | None = None
+    for addr in svc.addresses or [svc.host]:
+        try:
+            return await dialer.dial(Endpoint(addr.split("%", 1)[0], svc.port))
+        except DialError as exc:
+            last = exc
+    assert last is not None
+    raise last
