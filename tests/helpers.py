@@ -81,7 +81,8 @@ async def spawn(args: list[str], tmp: Path, ready: str | None = "READY ") -> Nod
     """Start ``python -m homenet ARGS`` and wait for its ``ready`` line (its URL is recorded)."""
     tmp.mkdir(parents=True, exist_ok=True)
     err = tmp / f"proc-{len(list(tmp.glob('proc-*')))}.stderr"
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    # mDNS never leaves loopback in tests, whatever flags a test forgets
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "HOMENET_MDNS_INTERFACE": "127.0.0.1"}
     env.pop("HOMENET_CONFIG", None)
     with err.open("wb") as fh:
         proc = await asyncio.create_subprocess_exec(
