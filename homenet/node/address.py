@@ -7,12 +7,14 @@ from __future__ import annotations
 
 import ipaddress
 import re
+import socket
 from dataclasses import dataclass
 
 DEFAULT_PORT = 6969
 MAX_HOPS = 8
 
 _LISTEN_ID = re.compile(r"[A-Za-z0-9_-]{1,64}")
+_PORT = re.compile(r"[0-9]{1,5}")
 _LABEL = re.compile(r"(?!-)[A-Za-z0-9-]{1,63}(?<!-)")
 
 
@@ -76,9 +78,19 @@ def _valid_hostname(host: str) -> bool:
     return all(_LABEL.fullmatch(label) for label in labels)
 
 
+def _numeric_spelling(host: str) -> bool:
+    """True for legacy IPv4 spellings (``2130706433``, ``0x7f.1``, ``0177.0.0.1``) that
+    resolvers turn into addresses: only the dotted-quad form is an address here."""
+    try:
+        socket.inet_aton(host)
+    except OSError:
+        return host.replace(".", "").isdigit()
+    return True
+
+
 def parse_port(text: str, what: str = "port") -> int:
     """Parse a TCP port 1-65535 (0 is refused: it names no service)."""
-    if not text.isdigit() or len(text) > 5 or not 0 < int(text) <= 65535:
+    if not _PORT.fullmatch(text) or not 0 < int(text) <= 65535:
         raise AddressError(f"bad {what} {text!r}: expected a number 1-65535")
     return int(text)
 
@@ -118,7 +130,7 @@ def parse_endpoint(text: str, default_port: int | None = None) -> Endpoint:
     try:
         host = str(ipaddress.IPv4Address(host))
     except ValueError:
-        if not _valid_hostname(host) or host.replace(".", "").isdigit():
+        if not _valid_hostname(host) or _numeric_spelling(host):
             raise AddressError(f"bad host {host!r}: expected an IPv4 address or a DNS name") from None
         host = host.lower().rstrip(".")
     return Endpoint(host, port)

@@ -89,6 +89,8 @@ class Dialer:
                     addrs = await self.resolve(target.host, target.port)
             except (OSError, TimeoutError) as exc:
                 raise DialError(Code.UNRESOLVABLE, f"cannot resolve {target.host}: {_why(exc)}") from None
+        if not addrs:
+            raise DialError(Code.UNRESOLVABLE, f"cannot resolve {target.host}: no address")
         allowed: list[IPAddress] = []
         refusal = ""
         for addr in addrs:

@@ -12,7 +12,7 @@ import sys
 import time
 from typing import Any
 
-_SECRET_KEYS = ("secret", "token", "ticket", "password", "key")
+_SECRET_KEYS = ("secret", "token", "ticket", "password", "passwd", "key", "authorization", "credential", "cookie")
 _RESERVED = frozenset(logging.makeLogRecord({}).__dict__) | {"message", "asctime"}
 
 

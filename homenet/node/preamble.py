@@ -134,12 +134,15 @@ NEED_DATA = _NeedData()
 # Tokens are printable ASCII without spaces; values of fields likewise.
 _TOKEN = re.compile(rb"[\x21-\x7e]{1,512}")
 _FIELD_KEY = re.compile(r"[a-z][a-z0-9_-]{0,31}")
-_VERSION = re.compile(rb"HN/([0-9]{1,3})")
+_VERSION = re.compile(rb"HN/(0|[1-9][0-9]{0,2})")
+_CODE = re.compile(rb"[1-5][0-9]{2}")
 
 
 def encode_request(verb: Verb, arg: str, fields: dict[str, str] | None = None) -> bytes:
     """Build one request line; raises ValueError on values the parser would refuse."""
     parts = [f"HN/{VERSION}", verb.value, arg]
+    if len(fields or {}) > MAX_FIELDS:
+        raise ValueError(f"more than {MAX_FIELDS} fields")
     for key, value in (fields or {}).items():
         if not _FIELD_KEY.fullmatch(key):
             raise ValueError(f"bad field name {key!r}")
@@ -280,6 +283,8 @@ def parse_reply_line(line: bytes) -> Reply:
     if len(parts) < 3:
         raise ProtocolError(Code.BAD_REQUEST, "reply needs HN/1 CODE NAME")
     _split_version(b" ".join(parts[:3]), "reply")
+    if not _CODE.fullmatch(parts[1]):
+        raise ProtocolError(Code.BAD_REQUEST, "reply code is not a 3-digit number")
     try:
         code = Code(int(parts[1]))
     except ValueError:

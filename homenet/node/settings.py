@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import ipaddress
+import math
 import os
 import re
 import socket
@@ -95,11 +96,14 @@ class Settings:
             raise SettingsError(f"listen_id {self.listen_id!r}: expected 1-64 of A-Z a-z 0-9 _ -")
         if not 0 <= self.pool_size <= 64:
             raise SettingsError("pool_size must be 0-64")
-        for name in ("handshake_timeout", "dial_timeout", "drain_grace", "rl_backoff_max", "ping_interval"):
-            if getattr(self, name) <= 0:
-                raise SettingsError(f"{name} must be > 0")
-        if self.idle_timeout < 0:
-            raise SettingsError("idle_timeout must be >= 0 (0 disables it)")
+        for name in (
+            "handshake_timeout", "dial_timeout", "drain_grace", "rl_backoff_max", "ping_interval", "offline_hold",
+        ):  # fmt: skip
+            value = getattr(self, name)
+            if not (math.isfinite(value) and value > 0):
+                raise SettingsError(f"{name} must be > 0, got {value}")
+        if not (math.isfinite(self.idle_timeout) and self.idle_timeout >= 0):
+            raise SettingsError(f"idle_timeout must be >= 0 (0 disables it), got {self.idle_timeout}")
         if self.max_sessions < 1 or self.max_handshakes < 1:
             raise SettingsError("max_sessions and max_handshakes must be >= 1")
 
@@ -165,6 +169,7 @@ def load_settings(
     env = os.environ if env is None else env
     by_name = {f.name: f for f in fields(Settings)}
     values: dict[str, Any] = {}
+    sources: dict[str, str] = {}
     path = config or env.get("HOMENET_CONFIG")
     if path:
         try:
@@ -174,20 +179,31 @@ def load_settings(
             raise SettingsError(f"cannot read config {path}: {exc.strerror}") from None
         except tomllib.TOMLDecodeError as exc:
             raise SettingsError(f"config {path} is not valid TOML: {exc}") from None
-        table = table.get("node", table)
+        if "node" in table:
+            if not isinstance(table["node"], dict):
+                raise SettingsError(f"config {path}: 'node' must be a table ([node])")
+            if len(table) > 1:
+                raise SettingsError(f"config {path}: put every setting under [node], or none")
+            table = table["node"]
         for key, value in table.items():
             name = key.replace("-", "_")
             if name not in by_name:
                 raise SettingsError(f"config {path}: unknown setting {key!r}")
             values[name] = _coerce(by_name[name], value, f"config {path}: {key}")
+            sources[name] = f"config {path}"
     for name, f in by_name.items():
         var = f"HOMENET_{name.upper()}"
         if var in env:
             values[name] = _coerce(f, env[var], var)
+            sources[name] = var
     for name, value in (flags or {}).items():
         if value is not None:
             values[name] = value
+            sources[name] = "--" + name.replace("_", "-")
     try:
         return Settings(**values)
     except TypeError as exc:
         raise SettingsError(str(exc)) from None
+    except SettingsError as exc:  # name where the bad value came from
+        name = str(exc).split(" ", 1)[0].rstrip(":")
+        raise SettingsError(f"{sources[name]}: {exc}" if name in sources else str(exc)) from None
