@@ -77,13 +77,33 @@ class NodeProc:
         return self.proc.returncode if self.proc.returncode is not None else -1
 
 
-async def spawn(args: list[str], tmp: Path, ready: str | None = "READY ") -> NodeProc:
+def proc_env(tmp: Path, secure: bool = False) -> dict[str, str]:
+    """Environment of every process a test starts.
+
+    mDNS never leaves loopback, whatever flags a test forgets; state (keys, listenIds) lives
+    in the test's own directory, so `hnctl` finds the nodes' admin key there. Unless
+    ``secure``, auth is relaxed so tests of other features need no keys (flags still win).
+    """
+    env = {
+        **os.environ,
+        "PYTHONUNBUFFERED": "1",
+        "HOMENET_MDNS_INTERFACE": "127.0.0.1",
+        "HOMENET_STATE_DIR": str(tmp / "state"),
+    }
+    for var in ("HOMENET_CONFIG", "HOMENET_KEY", "HOMENET_KEY_FILE", "HOMENET_KEYS_FILE"):
+        env.pop(var, None)
+    if not secure:
+        env.update(HOMENET_CONNECT_AUTH="none", HOMENET_RL_AUTH="open", HOMENET_QUERY_AUTH="open")
+    return env
+
+
+async def spawn(
+    args: list[str], tmp: Path, ready: str | None = "READY ", secure: bool = False, env: dict[str, str] | None = None
+) -> NodeProc:
     """Start ``python -m homenet ARGS`` and wait for its ``ready`` line (its URL is recorded)."""
     tmp.mkdir(parents=True, exist_ok=True)
     err = tmp / f"proc-{len(list(tmp.glob('proc-*')))}.stderr"
-    # mDNS never leaves loopback in tests, whatever flags a test forgets
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "HOMENET_MDNS_INTERFACE": "127.0.0.1"}
-    env.pop("HOMENET_CONFIG", None)
+    env = env if env is not None else proc_env(tmp, secure)
     with err.open("wb") as fh:
         proc = await asyncio.create_subprocess_exec(
             sys.executable, "-m", "homenet", *args,

@@ -17,6 +17,9 @@ from homenet.cli.common import EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE, fail, quie
 from homenet.control.client import ControlClient, ControlError
 from homenet.control.v1 import discovery_pb2
 from homenet.node.address import DEFAULT_PORT, AddressError, ListenId, parse_endpoint, parse_url
+from homenet.node.auth import Credentials
+from homenet.node.keys import KeyFileError, client_key
+from homenet.node.settings import SettingsError, load_settings
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -27,6 +30,10 @@ def _parser() -> argparse.ArgumentParser:
         help="node to talk to, HOST:PORT (default $HOMENET_NODE or 127.0.0.1:6969)",
     )  # fmt: skip
     p.add_argument("--timeout", type=float, default=5.0, help="deadline of each call in seconds (default 5)")
+    p.add_argument(
+        "--key-file", metavar="FILE",
+        help="key to sign calls with (default: $HOMENET_KEY, else the admin key of a local node's state dir)",
+    )  # fmt: skip
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, text in (
         ("status", "the node's identity, uptime and counters"),
@@ -182,8 +189,14 @@ def main(argv: list[str] | None = None) -> int:
             fail(f"query path must be listenIds of nodes, not {bad[0]}", EXIT_USAGE)
         node, path = str(route.entry), [str(h) for h in route.hops]
 
+    try:
+        found = client_key(key_file=args.key_file, local_keys=load_settings().keys_path)
+    except (KeyFileError, SettingsError) as exc:
+        fail(str(exc), EXIT_USAGE)
+    creds = Credentials(*found) if found else None
+
     async def go() -> None:
-        async with ControlClient(node, args.timeout) as client:
+        async with ControlClient(node, args.timeout, creds) as client:
             if args.command == "status":
                 await _status(client, args.json)
             elif args.command == "sessions":

@@ -18,13 +18,28 @@ from homenet.cli.common import (
     run,
 )
 from homenet.node.address import AddressError, parse_endpoint, parse_url
+from homenet.node.auth import Credentials
 from homenet.node.client import RouteFailed
+from homenet.node.keys import ROLES, KeyFileError, KeyStore, client_key
 from homenet.node.log import configure
 from homenet.node.settings import Settings, SettingsError, load_settings
 
 
 def _announce(line: str) -> None:
     print(line, flush=True)
+
+
+def _notice(line: str) -> None:
+    print(f"homenet: {line}", file=sys.stderr, flush=True)
+
+
+def _client_creds(key_file: str | None) -> Credentials | None:
+    """The key this command signs with (--key-file, HOMENET_KEY, HOMENET_KEY_FILE), if any."""
+    try:
+        found = client_key(key_file=key_file)
+    except KeyFileError as exc:
+        fail(str(exc), EXIT_USAGE)
+    return Credentials(*found) if found else None
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -59,6 +74,17 @@ def _parser() -> argparse.ArgumentParser:
     node.add_argument("--max-sessions", type=int)
     node.add_argument("--pool-size", type=int, metavar="N", help="warm connections parked at each relay (default 4)")
     node.add_argument("--ping-interval", type=float, metavar="SECONDS", help="relay role: ping listeners every N s")
+    node.add_argument("--rl-auth", choices=["required", "open"], help="remote listen needs a listen key (default)")
+    node.add_argument(
+        "--connect-auth", choices=["none", "direct", "all"],
+        help="which hops need a connect key (default direct: ip:port and non-public services)",
+    )  # fmt: skip
+    node.add_argument("--query-auth", choices=["required", "open"], help="queries need a query key (default)")
+    node.add_argument("--keys-file", metavar="FILE", help="keys this node accepts (default STATE_DIR/keys.toml)")
+    node.add_argument("--tls-cert", metavar="PEM", help="serve both planes over TLS with this certificate chain")
+    node.add_argument("--tls-key", metavar="PEM", help="private key of --tls-cert")
+    node.add_argument("--tls-client-ca", metavar="PEM", help="require client certificates from this CA (mTLS)")
+    node.add_argument("--tls-ca", metavar="PEM", help="CA to verify hns:// relays with (default: system store)")
 
     rl = sub.add_parser(
         "rl", help="remote-listen on a relay and forward every client to one target",
@@ -80,6 +106,7 @@ def _parser() -> argparse.ArgumentParser:
     conn.add_argument("url", metavar="URL")
     conn.add_argument("--data", help="send TEXT instead of reading stdin, then half-close")
     conn.add_argument("--timeout", type=float, default=10.0, help="seconds to open the route (default 10)")
+    conn.add_argument("--key-file", metavar="FILE", help="key to sign requests with (default $HOMENET_KEY)")
 
     pub = sub.add_parser(
         "publish", help="announce a service on the LAN over mDNS until stopped",
@@ -90,9 +117,24 @@ def _parser() -> argparse.ArgumentParser:
     pub.add_argument("--type", default="_homenet._tcp", help="service type (default _homenet._tcp)")
     pub.add_argument("--txt", action="append", default=[], metavar="KEY=VALUE", help="TXT entry (repeatable)")
     pub.add_argument(
+        "--private", action="store_true",
+        help="do not mark it public: HomeNet nodes then ask clients for a connect key",
+    )  # fmt: skip
+    pub.add_argument(
         "--mdns-interface", action="append", default=[], metavar="ADDR",
         help="announce only on the interface with this address (repeatable; default: all)",
     )  # fmt: skip
+
+    key = sub.add_parser("key", help="manage the keys a node accepts", description="Manage a node's keys file.")
+    key.add_argument("--keys-file", metavar="FILE", help="default: $HOMENET_KEYS_FILE or STATE_DIR/keys.toml")
+    key.add_argument("--state-dir", help="the node's state directory")
+    ksub = key.add_subparsers(dest="key_command", required=True, metavar="ACTION")
+    knew = ksub.add_parser("new", help="create a key and print ID:SECRET once")
+    knew.add_argument("id", metavar="ID", help="key id (a listen key claims the listenId ID)")
+    knew.add_argument("--role", action="append", choices=list(ROLES), required=True, help="repeatable")
+    ksub.add_parser("list", help="list keys (ids and roles, never secrets)")
+    krev = ksub.add_parser("revoke", help="delete a key (running nodes notice within a second)")
+    krev.add_argument("id", metavar="ID")
 
     lis = sub.add_parser(
         "listen", help="forward a local TCP port to URL",
@@ -102,13 +144,15 @@ def _parser() -> argparse.ArgumentParser:
     lis.add_argument("--bind", default="127.0.0.1", help="local address (default 127.0.0.1)")
     lis.add_argument("--port", type=int, default=0, help="local port (default: a free one)")
     lis.add_argument("--timeout", type=float, default=10.0, help="seconds to open the route (default 10)")
+    lis.add_argument("--key-file", metavar="FILE", help="key to sign requests with (default $HOMENET_KEY)")
     lis.add_argument("--log-level", default="warning", choices=["debug", "info", "warning", "error"])
     return p
 
 
 _NODE_FLAGS = (
     "bind", "port", "name", "listen_id", "mdns", "state_dir", "log_level", "log_format", "handshake_timeout",
-    "dial_timeout", "idle_timeout", "drain_grace", "max_sessions", "pool_size", "ping_interval",
+    "dial_timeout", "idle_timeout", "drain_grace", "max_sessions", "pool_size", "ping_interval", "rl_auth",
+    "connect_auth", "query_auth", "keys_file", "tls_cert", "tls_key", "tls_client_ca", "tls_ca",
 )  # fmt: skip
 
 
@@ -130,7 +174,7 @@ def _cmd_node(args: argparse.Namespace) -> int:
     configure(settings.log_level, settings.log_format)
     raise_nofile()
     try:
-        run(run_node(settings, _announce))
+        run(run_node(settings, _announce, notice=_notice))
     except Fatal as exc:
         fail(str(exc))
     except OSError as exc:
@@ -169,7 +213,7 @@ def _cmd_connect(args: argparse.Namespace) -> int:
         fail(str(exc), EXIT_USAGE)
     data = args.data.encode("utf-8") if args.data is not None else None
     try:
-        run(stdio_session(route, data, args.timeout))
+        run(stdio_session(route, data, args.timeout, creds=_client_creds(args.key_file)))
     except RouteFailed as exc:
         fail(str(exc))
     except (ConnectionError, OSError) as exc:
@@ -188,12 +232,13 @@ def _cmd_listen(args: argparse.Namespace) -> int:
         fail(f"{route} names no target: add a hop, e.g. {route}/127.0.0.1:22", EXIT_USAGE)
     configure(args.log_level)
     raise_nofile()
+    creds = _client_creds(args.key_file)
 
     async def serve() -> None:
         import asyncio
         import signal
 
-        fwd = Forwarder(route, args.bind, args.port, args.timeout)
+        fwd = Forwarder(route, args.bind, args.port, args.timeout, creds)
         try:
             ep = await fwd.start()
         except OSError as exc:
@@ -213,7 +258,7 @@ def _cmd_listen(args: argparse.Namespace) -> int:
 
 
 def _cmd_publish(args: argparse.Namespace) -> int:
-    from homenet.node.discovery import Advertiser, normalise_type
+    from homenet.node.discovery import PUBLIC_TXT, Advertiser, normalise_type
 
     txt: dict[str, str] = {}
     for item in args.txt:
@@ -223,6 +268,8 @@ def _cmd_publish(args: argparse.Namespace) -> int:
         txt[key] = value
     if not 0 < args.port < 65536:
         fail(f"bad --port {args.port}: expected 1-65535", EXIT_USAGE)
+    if not args.private:
+        txt[PUBLIC_TXT] = "1"
     try:
         type_ = normalise_type(args.type)
         Settings(mdns_interface=tuple(args.mdns_interface))
@@ -251,7 +298,28 @@ def _cmd_publish(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _cmd_key(args: argparse.Namespace) -> int:
+    try:
+        settings = load_settings({"keys_file": args.keys_file, "state_dir": args.state_dir})
+        store = KeyStore(settings.keys_path)
+        if args.key_command == "new":
+            k = store.add(args.id, args.role)
+            print(f"{k.id}:{k.secret.reveal()}")
+            _notice(f"created key {k.id} ({', '.join(sorted(k.roles))}) in {store.path}; shown once, keep it secret")
+        elif args.key_command == "list":
+            for k in store.all():
+                print(f"{k.id}  {','.join(sorted(k.roles))}")
+        elif not store.revoke(args.id):
+            fail(f"no key {args.id} in {store.path}")
+    except (KeyFileError, SettingsError) as exc:
+        fail(str(exc), EXIT_USAGE)
+    except OSError as exc:
+        fail(f"cannot write keys file: {exc.strerror or exc}")
+    return EXIT_OK
+
+
 _COMMANDS = {
+    "key": _cmd_key,
     "node": _cmd_node,
     "rl": _cmd_rl,
     "connect": _cmd_connect,

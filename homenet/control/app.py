@@ -11,14 +11,17 @@ import signal
 import socket
 from collections.abc import Callable
 
+from homenet.control.auth import AuthInterceptor
 from homenet.control.discovery import DiscoveryServicer
 from homenet.control.relay import RelayServicer
 from homenet.control.rl import Refused, RLClient, RLOptions
 from homenet.control.server import ControlServer
 from homenet.control.v1 import discovery_pb2_grpc, relay_pb2_grpc
 from homenet.node.address import Endpoint, ListenId, parse_url
+from homenet.node.auth import Credentials
 from homenet.node.dialer import DialError
 from homenet.node.discovery import DEFAULT_TYPES, HOMENET_TYPE, Advertiser, Discovery, dial_service, node_txt
+from homenet.node.keys import ensure_first_key, parse_key_ref
 from homenet.node.log import fields
 from homenet.node.preamble import Code
 from homenet.node.query import QueryRouter
@@ -37,7 +40,9 @@ class Fatal(Exception):
 
 
 def _rl_options(settings: Settings, url: str, node_id: str) -> RLOptions:
+    creds = Credentials(*parse_key_ref(settings.key)) if settings.key else None
     return RLOptions(
+        creds=creds,
         route=parse_url(url),
         listen_id=settings.listen_id or "",
         pool_size=settings.pool_size,
@@ -49,7 +54,12 @@ def _rl_options(settings: Settings, url: str, node_id: str) -> RLOptions:
     )
 
 
-async def run_node(settings: Settings, announce: Callable[[str], None], stop: asyncio.Event | None = None) -> None:
+async def run_node(
+    settings: Settings,
+    announce: Callable[[str], None],
+    stop: asyncio.Event | None = None,
+    notice: Callable[[str], None] | None = None,
+) -> None:
     """Serve until SIGTERM/SIGINT (or ``stop``), then shut down in order.
 
     Order: health NOT_SERVING, stop accepting, drain sessions up to the grace period while
@@ -58,15 +68,27 @@ async def run_node(settings: Settings, announce: Callable[[str], None], stop: as
     """
     loop = asyncio.get_running_loop()
     stop = stop or asyncio.Event()
-    control = ControlServer()
     node = Node(settings)
-    relay = Relay(node, RelaySettings(ping_interval=settings.ping_interval, offline_hold=settings.offline_hold))
+    first = ensure_first_key(node.keys)
+    if first is not None and notice is not None:
+        notice(f"no keys yet: created key '{first.id}' (all roles) in {node.keys.path}")
+        notice(f"clients use it with: export HOMENET_KEY={first.id}:{first.secret.reveal()}")
+    control = ControlServer([AuthInterceptor(node)])
+    relay = Relay(
+        node,
+        RelaySettings(
+            ping_interval=settings.ping_interval,
+            offline_hold=settings.offline_hold,
+            rl_auth=settings.rl_auth,
+            max_listener_sessions=settings.max_listener_sessions,
+        ),
+    )
     discovery = (
         Discovery(settings.mdns_interface, settings.mdns_types or DEFAULT_TYPES, settings.state_dir, settings.name)
         if settings.mdns
         else None
     )
-    router = QueryRouter(settings.name, relay, discovery)
+    router = QueryRouter(settings.name, relay, discovery, node.verifier if settings.query_auth == "required" else None)
     node.listener_route = _listener_route(node, relay, discovery)
     control.add_node(node)
     relay_pb2_grpc.add_RelayServiceServicer_to_server(RelayServicer(relay), control.server)
@@ -148,6 +170,9 @@ def _listener_route(node: Node, relay: Relay, discovery: Discovery | None) -> Li
                 if exc.code is Code.NOT_FOUND:
                     raise RouteError(Code.NOT_FOUND, f"no listener or service {hop} on this node") from None
                 raise
+        mode = node.settings.connect_auth
+        if mode == "all" or (mode == "direct" and not svc.public):
+            node.authorize(hs, "connect")
         try:
             dialed = await dial_service(svc, node.policy, node.settings.dial_timeout)
         except DialError as err:

@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 from types import TracebackType
+from typing import Any
 
 import grpc
 
+from homenet.control.auth import call_metadata
 from homenet.control.v1 import discovery_pb2, discovery_pb2_grpc, node_pb2, node_pb2_grpc, relay_pb2, relay_pb2_grpc
 from homenet.node.address import DEFAULT_PORT, parse_endpoint
+from homenet.node.auth import Credentials
+from homenet.node.query import query_context
 
 
 class ControlError(Exception):
@@ -32,10 +36,11 @@ def _describe(exc: grpc.aio.AioRpcError, target: str) -> str:
 class ControlClient:
     """Talks to one node's gRPC API at ``HOST:PORT`` (the node's one port)."""
 
-    def __init__(self, node: str, timeout: float = 5.0) -> None:
+    def __init__(self, node: str, timeout: float = 5.0, creds: Credentials | None = None) -> None:
         ep = parse_endpoint(node, DEFAULT_PORT)
         self.target = str(ep)
         self.timeout = timeout
+        self.creds = creds
         self.channel = grpc.aio.insecure_channel(self.target)
         self.nodes = node_pb2_grpc.NodeServiceStub(self.channel)
         self.relay = relay_pb2_grpc.RelayServiceStub(self.channel)
@@ -49,34 +54,42 @@ class ControlClient:
     ) -> None:
         await self.channel.close(None)
 
-    async def status(self) -> node_pb2.NodeStatus:
+    async def _call(self, service: str, method: str, call: Any, request: Any) -> Any:
+        """One unary call with a deadline and credentials; errors become one-line ControlErrors."""
+        metadata = call_metadata(self.creds, f"/homenet.v1.{service}/{method}")
         try:
-            return await self.nodes.GetStatus(node_pb2.GetStatusRequest(), timeout=self.timeout)
+            return await call(request, timeout=self.timeout, metadata=metadata)
         except grpc.aio.AioRpcError as exc:
             raise ControlError(_describe(exc, self.target)) from None
+
+    async def status(self) -> node_pb2.NodeStatus:
+        resp: node_pb2.NodeStatus = await self._call(
+            "NodeService", "GetStatus", self.nodes.GetStatus, node_pb2.GetStatusRequest()
+        )
+        return resp
 
     async def sessions(self) -> node_pb2.ListSessionsResponse:
-        try:
-            return await self.nodes.ListSessions(node_pb2.ListSessionsRequest(), timeout=self.timeout)
-        except grpc.aio.AioRpcError as exc:
-            raise ControlError(_describe(exc, self.target)) from None
+        resp: node_pb2.ListSessionsResponse = await self._call(
+            "NodeService", "ListSessions", self.nodes.ListSessions, node_pb2.ListSessionsRequest()
+        )
+        return resp
 
     async def listeners(self) -> relay_pb2.ListListenersResponse:
-        try:
-            return await self.relay.ListListeners(relay_pb2.ListListenersRequest(), timeout=self.timeout)
-        except grpc.aio.AioRpcError as exc:
-            raise ControlError(_describe(exc, self.target)) from None
+        resp: relay_pb2.ListListenersResponse = await self._call(
+            "RelayService", "ListListeners", self.relay.ListListeners, relay_pb2.ListListenersRequest()
+        )
+        return resp
 
     async def kick(self, listen_id: str) -> relay_pb2.KickResponse:
-        try:
-            return await self.relay.Kick(relay_pb2.KickRequest(listen_id=listen_id), timeout=self.timeout)
-        except grpc.aio.AioRpcError as exc:
-            raise ControlError(_describe(exc, self.target)) from None
+        resp: relay_pb2.KickResponse = await self._call(
+            "RelayService", "Kick", self.relay.Kick, relay_pb2.KickRequest(listen_id=listen_id)
+        )
+        return resp
 
     async def query(self, path: list[str], name: str = "", type_: str = "") -> discovery_pb2.QueryResponse:
         """Services of the node at the end of ``path`` (listenIds from this node)."""
         request = discovery_pb2.QueryRequest(path=path, name=name, type=type_)
-        try:
-            return await self.discovery.Query(request, timeout=self.timeout)
-        except grpc.aio.AioRpcError as exc:
-            raise ControlError(_describe(exc, self.target)) from None
+        if self.creds is not None:  # for the node at the end of the path, which answers
+            request.auth.CopyFrom(discovery_pb2.QueryAuth(**self.creds.token(query_context(path, name, type_))))
+        resp: discovery_pb2.QueryResponse = await self._call("DiscoveryService", "Query", self.discovery.Query, request)
+        return resp

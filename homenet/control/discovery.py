@@ -40,7 +40,18 @@ def answer_from_pb(m: discovery_pb2.QueryResponse) -> QueryAnswer:
 
 
 def query_from_pb(m: discovery_pb2.QueryRequest, timeout: float) -> Query:
-    return Query(tuple(m.path), m.name[:128], m.type[:64], min(timeout, MAX_QUERY_TIMEOUT))
+    """A core query from a request; a request from a client (no origin yet) is its own origin."""
+    path = tuple(m.path)
+    origin = tuple(m.origin_path) if m.origin_path else path
+    token = {"key": m.auth.key[:64], "ts": m.auth.ts[:16], "nonce": m.auth.nonce[:64], "mac": m.auth.mac[:64]}
+    return Query(path, m.name[:128], m.type[:64], min(timeout, MAX_QUERY_TIMEOUT), origin[:16], token)
+
+
+def query_to_pb(q: Query) -> discovery_pb2.QueryRequest:
+    return discovery_pb2.QueryRequest(
+        path=list(q.path), name=q.name, type=q.type, origin_path=list(q.origin),
+        auth=discovery_pb2.QueryAuth(**q.token) if q.token else None,
+    )  # fmt: skip
 
 
 class DiscoveryServicer(discovery_pb2_grpc.DiscoveryServiceServicer):

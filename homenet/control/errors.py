@@ -8,6 +8,7 @@ from homenet.node.listeners import (
     BadListenId,
     ListenerConflict,
     ListenerError,
+    ListenerForbidden,
     ListenerLoop,
     ListenerNotFound,
     ListenerOffline,
@@ -17,6 +18,7 @@ STATUS: dict[type[Exception], grpc.StatusCode] = {
     ListenerConflict: grpc.StatusCode.ALREADY_EXISTS,
     BadListenId: grpc.StatusCode.INVALID_ARGUMENT,
     ListenerLoop: grpc.StatusCode.FAILED_PRECONDITION,
+    ListenerForbidden: grpc.StatusCode.PERMISSION_DENIED,
     ListenerNotFound: grpc.StatusCode.NOT_FOUND,
     ListenerOffline: grpc.StatusCode.UNAVAILABLE,
     ListenerError: grpc.StatusCode.FAILED_PRECONDITION,
@@ -38,5 +40,7 @@ QUERY_STATUS: dict[str, grpc.StatusCode] = {
     "deadline": grpc.StatusCode.DEADLINE_EXCEEDED,
     "invalid": grpc.StatusCode.INVALID_ARGUMENT,
     "failed": grpc.StatusCode.INTERNAL,
+    "unauthenticated": grpc.StatusCode.UNAUTHENTICATED,
+    "forbidden": grpc.StatusCode.PERMISSION_DENIED,
 }
 QUERY_KIND: dict[int, str] = {code.value[0]: kind for kind, code in QUERY_STATUS.items()}

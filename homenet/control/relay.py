@@ -6,14 +6,14 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import AsyncIterator
-from typing import Any
 
 import grpc
 
 from homenet import __version__
-from homenet.control.discovery import answer_from_pb
+from homenet.control.auth import CURRENT_KEY, real_peer
+from homenet.control.discovery import answer_from_pb, query_to_pb
 from homenet.control.errors import QUERY_KIND, status_of
-from homenet.control.v1 import discovery_pb2, relay_pb2, relay_pb2_grpc
+from homenet.control.v1 import relay_pb2, relay_pb2_grpc
 from homenet.node.listeners import (
     Event,
     Incoming,
@@ -34,16 +34,6 @@ REGISTER_TIMEOUT = 10.0
 Context = grpc.aio.ServicerContext[relay_pb2.ListenerMessage, relay_pb2.RelayMessage]
 
 
-def peer_of(context: grpc.aio.ServicerContext[Any, Any], relay: Relay) -> str:
-    """The real client address of a call (the node splices gRPC through a loopback port)."""
-    peer = context.peer()  # "ipv4:127.0.0.1:PORT"
-    try:
-        port = int(peer.rsplit(":", 1)[1])
-    except (IndexError, ValueError):
-        return peer
-    return relay.node.control_peer(port) or peer
-
-
 def to_event_message(event: Event) -> relay_pb2.RelayMessage:
     if isinstance(event, Incoming):
         return relay_pb2.RelayMessage(
@@ -54,8 +44,9 @@ def to_event_message(event: Event) -> relay_pb2.RelayMessage:
     if isinstance(event, QueryEvent):
         q = event.query
         assert isinstance(q, Query)
-        request = discovery_pb2.QueryRequest(path=list(q.path), name=q.name, type=q.type)
-        return relay_pb2.RelayMessage(query=relay_pb2.ForwardedQuery(id=event.id, request=request, timeout=q.timeout))
+        return relay_pb2.RelayMessage(
+            query=relay_pb2.ForwardedQuery(id=event.id, request=query_to_pb(q), timeout=q.timeout)
+        )
     return relay_pb2.RelayMessage(ping=relay_pb2.Ping(seq=event.seq))
 
 
@@ -77,9 +68,9 @@ class RelayServicer(relay_pb2_grpc.RelayServiceServicer):
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "the first message must be register")
         r = first.register
         reg = Registration(r.listen_id, r.resume_secret, r.name[:128], r.version[:64], r.pool_size, r.node_id)
-        peer = peer_of(context, self.relay)
+        peer = real_peer(self.relay.node, context.peer())
         try:
-            lst, session, secret = self.relay.register(reg, peer)
+            lst, session, secret = self.relay.register(reg, peer, CURRENT_KEY.get())
         except ListenerError as exc:
             log.info("listener.refused", extra=fields(listen_id=r.listen_id[:80], peer=peer, reason=str(exc)))
             await context.abort(status_of(exc), str(exc))

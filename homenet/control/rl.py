@@ -22,10 +22,12 @@ import grpc
 from tenacity import AsyncRetrying, retry_if_exception_type, wait_random_exponential
 
 from homenet import __version__
+from homenet.control.auth import call_metadata
 from homenet.control.discovery import answer_to_pb, query_from_pb
 from homenet.control.errors import QUERY_STATUS
 from homenet.control.v1 import relay_pb2, relay_pb2_grpc
 from homenet.node.address import Route
+from homenet.node.auth import Credentials
 from homenet.node.forward import Forwarder
 from homenet.node.log import fields
 from homenet.node.query import Query, QueryAnswer, QueryError
@@ -34,7 +36,13 @@ from homenet.node.remote import RemoteListen, Serve
 log = logging.getLogger("homenet.rl")
 
 REGISTER_TIMEOUT = 5.0
-_FATAL = {grpc.StatusCode.ALREADY_EXISTS, grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.FAILED_PRECONDITION}
+_FATAL = {
+    grpc.StatusCode.ALREADY_EXISTS,
+    grpc.StatusCode.INVALID_ARGUMENT,
+    grpc.StatusCode.FAILED_PRECONDITION,
+    grpc.StatusCode.PERMISSION_DENIED,
+    grpc.StatusCode.UNAUTHENTICATED,
+}
 
 
 class Disconnected(Exception):
@@ -57,6 +65,7 @@ class RLOptions:
     state_dir: str = ""
     backoff_max: float = 1.5
     dial_timeout: float = 5.0
+    creds: Credentials | None = None
 
 
 class StateFile:
@@ -98,7 +107,7 @@ class RLClient:
         opts: RLOptions,
         serve: Serve,
         announce: Callable[[str], None],
-        answer: Callable[[Query], Awaitable[QueryAnswer]] | None = None,
+        answer: Callable[[Query, str], Awaitable[QueryAnswer]] | None = None,
     ) -> None:
         self.opts = opts
         self.serve = serve
@@ -120,7 +129,7 @@ class RLClient:
         if not route.hops:
             return str(route.entry)
         if self._forwarder is None:  # the stream rides a HomeNet route: forward a local port to it
-            self._forwarder = Forwarder(route, "127.0.0.1", 0, self.opts.dial_timeout)
+            self._forwarder = Forwarder(route, "127.0.0.1", 0, self.opts.dial_timeout, self.opts.creds)
             ep = await self._forwarder.start()
             self._target_ep = str(ep)
         return self._target_ep
@@ -165,7 +174,8 @@ class RLClient:
         remote: RemoteListen | None = None
         self.registered_once_this_session = False
         write_lock = asyncio.Lock()
-        call = relay_pb2_grpc.RelayServiceStub(channel).Listen()  # type: ignore[call-arg]  # stubs miss aio
+        metadata = call_metadata(self.opts.creds, "/homenet.v1.RelayService/Listen")
+        call = relay_pb2_grpc.RelayServiceStub(channel).Listen(metadata=metadata)  # type: ignore[call-arg]
 
         async def send(msg: relay_pb2.ListenerMessage) -> None:
             async with write_lock, asyncio.timeout(REGISTER_TIMEOUT):
@@ -193,7 +203,7 @@ class RLClient:
             async def report(ticket: str, reason: str) -> None:
                 await send(relay_pb2.ListenerMessage(dial_failed=relay_pb2.DialFailed(ticket=ticket, reason=reason)))
 
-            remote = RemoteListen(self.opts.route, self.serve, report, self.opts.dial_timeout)
+            remote = RemoteListen(self.opts.route, self.serve, report, self.opts.dial_timeout, self.opts.creds)
             silence = 3 * (reg.ping_interval or 2.0)
             while True:
                 try:
@@ -240,7 +250,7 @@ class RLClient:
         try:
             if self.answer is None:
                 raise QueryError("not_found", "this listener is a one-service forwarder, not a node")
-            result.response.CopyFrom(answer_to_pb(await self.answer(query)))
+            result.response.CopyFrom(answer_to_pb(await self.answer(query, self.listen_id)))
         except QueryError as exc:
             result.error_code = QUERY_STATUS[exc.kind].value[0]
             result.error = exc.message

@@ -7,6 +7,8 @@ only translate between protobuf and the node core.
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
+from typing import Any
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -69,8 +71,9 @@ class NodeServicer(node_pb2_grpc.NodeServiceServicer):
 class ControlServer:
     """The gRPC server of one node, bound to a private loopback port."""
 
-    def __init__(self) -> None:
+    def __init__(self, interceptors: Sequence[grpc.aio.ServerInterceptor[Any, Any]] = ()) -> None:
         self.server = grpc.aio.server(
+            interceptors=list(interceptors),
             options=[
                 ("grpc.max_receive_message_length", MAX_MESSAGE),
                 ("grpc.max_send_message_length", MAX_MESSAGE),
@@ -78,7 +81,7 @@ class ControlServer:
                 ("grpc.keepalive_permit_without_calls", 1),
                 ("grpc.http2.min_ping_interval_without_data_ms", 5000),
                 ("grpc.so_reuseport", 0),
-            ]
+            ],
         )
         self.health = HealthServicer()
         self.port = 0

@@ -12,6 +12,7 @@ import socket
 from dataclasses import dataclass
 
 from homenet.node.address import Endpoint, Route
+from homenet.node.auth import Credentials
 from homenet.node.dialer import connect
 from homenet.node.preamble import NEED_DATA, Code, ProtocolError, Reply, ReplyParser, Verb, encode_request
 
@@ -58,9 +59,14 @@ async def dial_endpoint(ep: Endpoint, timeout: float) -> socket.socket:
     raise RouteFailed(f"cannot reach node {ep}: {str(why).lower()}")
 
 
-def route_requests(route: Route) -> bytes:
-    """The pipelined request lines for every hop of ``route``."""
-    return b"".join(encode_request(Verb.CONNECT, str(hop)) for hop in route.hops)
+def route_requests(route: Route, creds: Credentials | None = None) -> bytes:
+    """The pipelined request lines for every hop of ``route``, each signed with ``creds``."""
+    lines = []
+    for hop in route.hops:
+        arg = str(hop)
+        token = creds.token(f"HN/1 CONNECT {arg}") if creds is not None else None
+        lines.append(encode_request(Verb.CONNECT, arg, token))
+    return b"".join(lines)
 
 
 async def next_reply(sock: socket.socket, parser: ReplyParser) -> Reply:
@@ -79,6 +85,7 @@ async def open_route(
     timeout: float = 10.0,
     final: bytes | None = None,
     wait_final: bool = True,
+    creds: Credentials | None = None,
 ) -> Opened:
     """Connect through every hop of ``route``; ``first`` is sent along with the requests.
 
@@ -93,7 +100,7 @@ async def open_route(
     last: Reply | None = None
     try:
         async with asyncio.timeout(timeout):
-            await loop.sock_sendall(sock, route_requests(route) + (final or b"") + first)
+            await loop.sock_sendall(sock, route_requests(route, creds) + (final or b"") + first)
             names = [str(h) for h in route.hops]
             if final is not None and wait_final:
                 names.append(final.split(b" ", 2)[1].decode().lower())

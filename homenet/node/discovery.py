@@ -37,6 +37,8 @@ from homenet.node.policy import TargetPolicy
 log = logging.getLogger("homenet.discovery")
 
 HOMENET_TYPE = "_homenet._tcp.local."
+#: TXT key ``homenet publish`` sets: the owner chose to make the service public.
+PUBLIC_TXT = "hn-public"
 #: What a home node browses by default: HomeNet itself and the services homes run.
 DEFAULT_TYPES = (
     HOMENET_TYPE,
@@ -84,6 +86,12 @@ class Service:
     txt: dict[str, str]
     first_seen: float = field(default_factory=time.time)
     last_seen: float = field(default_factory=time.time)
+
+    @property
+    def public(self) -> bool:
+        """Announced for HomeNet by its owner (``_homenet._tcp``, or ``homenet publish``):
+        reachable without a connect key under ``connect_auth=direct``."""
+        return self.type == HOMENET_TYPE or self.txt.get(PUBLIC_TXT) == "1"
 
 
 def normalise_type(text: str) -> str:

@@ -12,6 +12,7 @@ import threading
 from typing import BinaryIO
 
 from homenet.node.address import Endpoint, Route
+from homenet.node.auth import Credentials
 from homenet.node.client import RouteFailed, open_route
 from homenet.node.dialer import tune
 from homenet.node.log import fields
@@ -23,8 +24,12 @@ log = logging.getLogger("homenet.forward")
 class Forwarder:
     """Listens on a local TCP port and splices each connection through ``route``."""
 
-    def __init__(self, route: Route, bind: str = "127.0.0.1", port: int = 0, timeout: float = 10.0) -> None:
+    def __init__(
+        self, route: Route, bind: str = "127.0.0.1", port: int = 0, timeout: float = 10.0,
+        creds: Credentials | None = None,
+    ) -> None:  # fmt: skip
         self.route = route
+        self.creds = creds
         self.bind = bind
         self.port = port
         self.timeout = timeout
@@ -69,7 +74,7 @@ class Forwarder:
     async def _serve(self, sock: socket.socket) -> None:
         loop = asyncio.get_running_loop()
         try:
-            opened = await open_route(self.route, timeout=self.timeout)
+            opened = await open_route(self.route, timeout=self.timeout, creds=self.creds)
         except RouteFailed as exc:
             log.warning("listen.route_failed", extra=fields(route=str(self.route), error=str(exc)))
             sock.close()
@@ -99,7 +104,9 @@ class Forwarder:
         self.pool.close()
 
 
-async def stdio_session(route: Route, data: bytes | None, timeout: float, out: BinaryIO | None = None) -> None:
+async def stdio_session(
+    route: Route, data: bytes | None, timeout: float, out: BinaryIO | None = None, creds: Credentials | None = None
+) -> None:
     """netcat over a route: ``data`` (or stdin) to the target, the target to stdout.
 
     Returns when the target closes its side; raises :class:`RouteFailed` if the route fails
@@ -107,7 +114,7 @@ async def stdio_session(route: Route, data: bytes | None, timeout: float, out: B
     """
     loop = asyncio.get_running_loop()
     out = out or sys.stdout.buffer
-    opened = await open_route(route, first=data or b"", timeout=timeout)
+    opened = await open_route(route, first=data or b"", timeout=timeout, creds=creds)
     sock = opened.sock
     try:
         if opened.early:

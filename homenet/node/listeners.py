@@ -40,6 +40,10 @@ class ListenerLoop(ListenerError):
     """The registration comes from this very node (its stream loops back)."""
 
 
+class ListenerForbidden(ListenerError):
+    """The caller's key (or lack of one) may not claim this listenId."""
+
+
 class ListenerNotFound(ListenerError):
     """No such listenId."""
 

@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from homenet.node.address import MAX_HOPS
+from homenet.node.auth import AuthError, Verifier
 from homenet.node.discovery import Discovery, Service
 from homenet.node.listeners import LISTEN_ID
 
@@ -29,12 +30,27 @@ class QueryError(Exception):
 
 @dataclass(frozen=True, slots=True)
 class Query:
-    """What to ask, and of whom: ``path`` of listenIds from the node that got the query."""
+    """What to ask, and of whom: ``path`` of listenIds from the node that got the query.
+
+    ``origin`` is the path the client gave the first node, ``token`` the client's proof of a
+    query key over it (checked by the node that answers).
+    """
 
     path: tuple[str, ...] = ()
     name: str = ""
     type: str = ""
     timeout: float = 5.0
+    origin: tuple[str, ...] = ()
+    token: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def context(self) -> str:
+        return query_context(self.origin, self.name, self.type)
+
+
+def query_context(origin: Sequence[str], name: str, type_: str) -> str:
+    """What a query token signs."""
+    return "\n".join(("query", "/".join(origin), name, type_))
 
 
 @dataclass(slots=True)
@@ -45,20 +61,35 @@ class QueryAnswer:
 
 
 class QueryRouter:
-    """Answers :class:`Query` for one node (its relay role forwards the rest of the path)."""
+    """Answers :class:`Query` for one node (its relay role forwards the rest of the path).
 
-    def __init__(self, node_name: str, relay: Relay, discovery: Discovery | None) -> None:
+    A query that reached this node down a chain (``listen_id`` set) carries the client's
+    query key in the request: the node that answers from its own table checks it when its
+    ``query_auth`` is ``required`` (the data is its, so the decision is its). A query asked of
+    this node directly was checked on its metadata by the gRPC interceptor.
+    """
+
+    def __init__(self, node_name: str, relay: Relay, discovery: Discovery | None, verifier: Verifier | None) -> None:
         self.node_name = node_name
         self.relay = relay
         self.discovery = discovery
+        self.verifier = verifier
 
-    async def query(self, q: Query) -> QueryAnswer:
+    async def query(self, q: Query, listen_id: str | None = None) -> QueryAnswer:
+        """Answer ``q``; ``listen_id`` is our id on the relay that forwarded it (if any)."""
         check_path(q.path)
         if not q.path:
+            if listen_id is not None and q.origin and q.origin[-1] != listen_id:
+                raise QueryError("invalid", f"query was meant for {q.origin[-1][:64]}, not {listen_id}")
+            if self.verifier is not None and listen_id is not None:
+                try:
+                    self.verifier.verify(q.context, q.token, "query")
+                except AuthError as exc:
+                    raise QueryError("forbidden" if exc.forbidden else "unauthenticated", exc.reason) from None
             if self.discovery is None:
                 return QueryAnswer([], self.node_name, False)
             return QueryAnswer(self.discovery.query(q.name, q.type), self.node_name, True)
-        nxt = Query(q.path[1:], q.name, q.type, max(MIN_TIMEOUT, q.timeout - HOP_MARGIN))
+        nxt = Query(q.path[1:], q.name, q.type, max(MIN_TIMEOUT, q.timeout - HOP_MARGIN), q.origin, q.token)
         return await self.relay.forward_query(q.path[0], nxt)
 
 

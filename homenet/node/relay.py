@@ -17,10 +17,12 @@ import time
 from dataclasses import dataclass
 
 from homenet.node.address import MAX_HOPS, ListenId
+from homenet.node.keys import Key
 from homenet.node.listeners import (
     Incoming,
     Listener,
     ListenerError,
+    ListenerForbidden,
     ListenerLoop,
     ListenerNotFound,
     ListenerOffline,
@@ -55,6 +57,10 @@ class RelaySettings:
     offline_hold: float = 60.0
     #: Seconds a parked connection may wait before the relay recycles it.
     pool_max_age: float = 300.0
+    #: ``required``: a listen key claims its own id; ``open``: anonymous ids too.
+    rl_auth: str = "required"
+    #: Sessions one listener may have at once.
+    max_listener_sessions: int = 1000
 
 
 @dataclass(frozen=True, slots=True)
@@ -114,11 +120,25 @@ class Relay:
             self._drop_pool(lst)
 
     # -- registration (called by the control plane) ------------------------------------------
-    def register(self, reg: Registration, peer: str) -> tuple[Listener, ListenerSession, str]:
-        """Admit a listener; returns its record, its session and the secret to hand back."""
+    def register(self, reg: Registration, peer: str, key: Key | None = None) -> tuple[Listener, ListenerSession, str]:
+        """Admit a listener; returns its record, its session and the secret to hand back.
+
+        ``key`` is the verified key of the caller (None: anonymous). With a key, the caller
+        claims the listenId equal to the key id (an admin key may claim any); anonymous
+        callers (``rl_auth=open`` only) get a random id or claim one no key reserves.
+        """
         if reg.node_id and reg.node_id == self.node.node_id:
             raise ListenerLoop("this relay is the registering node itself: the --rl route loops back")
-        lst, secret, replaced = self.registry.claim(reg.listen_id, reg.resume_secret)
+        claim = reg.listen_id
+        if key is not None:
+            claim = claim or key.id
+            if claim != key.id and "admin" not in key.roles:
+                raise ListenerForbidden(f"key {key.id} may claim only the listenId {key.id}, not {claim[:64]}")
+        elif self.settings.rl_auth != "open":
+            raise ListenerForbidden("this relay needs a listen key (set HOMENET_KEY=ID:SECRET)")
+        elif claim and claim in self.node.keys.reserved_listen_ids():
+            raise ListenerForbidden(f"listenId {claim} is reserved for key {claim}")
+        lst, secret, replaced = self.registry.claim(claim, reg.resume_secret)
         if replaced is not None and replaced.session is not None:
             replaced.session.close("replaced by a newer registration of the same owner")
             self._offline(replaced)
@@ -227,6 +247,10 @@ class Relay:
         depth = hs.depth + 1
         if depth > MAX_HOPS:
             raise RouteError(Code.HOP_LIMIT, f"route longer than {MAX_HOPS} hops")
+        if self.node.settings.connect_auth == "all":
+            self.node.authorize(hs, "connect")
+        if lst.active >= self.settings.max_listener_sessions:
+            raise RouteError(Code.TOO_MANY, f"listener {lst.listen_id} at its limit of {lst.active} sessions")
         session = lst.session
         assert session is not None
         sock = self._take_parked(lst)

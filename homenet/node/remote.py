@@ -15,6 +15,7 @@ import socket
 from collections.abc import Awaitable, Callable
 
 from homenet.node.address import Endpoint, Route
+from homenet.node.auth import Credentials
 from homenet.node.client import RouteFailed, dial_endpoint, next_reply, open_route
 from homenet.node.log import fields
 from homenet.node.preamble import ProtocolError, Verb, encode_request
@@ -39,8 +40,12 @@ def hop_depth(reason: str) -> int:
 class RemoteListen:
     """One registration's data connections; owns their tasks until :meth:`close`."""
 
-    def __init__(self, relay_route: Route, serve: Serve, report_failure: ReportFailure, timeout: float = 5.0) -> None:
+    def __init__(
+        self, relay_route: Route, serve: Serve, report_failure: ReportFailure, timeout: float = 5.0,
+        creds: Credentials | None = None,
+    ) -> None:  # fmt: skip
         self.route = relay_route
+        self.creds = creds
         self.serve = serve
         self.report_failure = report_failure
         self.timeout = timeout
@@ -63,7 +68,9 @@ class RemoteListen:
 
     async def _dial_back(self, ticket: str, client: str) -> None:
         try:
-            opened = await open_route(self.route, final=encode_request(Verb.TICKET, ticket), timeout=self.timeout)
+            opened = await open_route(
+                self.route, final=encode_request(Verb.TICKET, ticket), timeout=self.timeout, creds=self.creds
+            )
         except RouteFailed as exc:
             log.warning("rl.dial_back_failed", extra=fields(client=client, error=str(exc)))
             with contextlib.suppress(Exception):
@@ -75,7 +82,11 @@ class RemoteListen:
     async def _park(self, ticket: str) -> None:
         try:
             opened = await open_route(
-                self.route, final=encode_request(Verb.POOL, ticket), timeout=self.timeout, wait_final=False
+                self.route,
+                final=encode_request(Verb.POOL, ticket),
+                timeout=self.timeout,
+                wait_final=False,
+                creds=self.creds,
             )
         except RouteFailed as exc:
             log.debug("rl.park_failed", extra=fields(error=str(exc)))

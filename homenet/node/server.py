@@ -20,7 +20,10 @@ from dataclasses import dataclass, field
 from ipaddress import ip_address
 
 from homenet.node.address import AddressError, Endpoint, ListenId, parse_hop
+from homenet.node.auth import AuthError, Verifier
 from homenet.node.dialer import Dialed, Dialer, DialError, connect, tune
+from homenet.node.keys import Key, KeyStore
+from homenet.node.limits import SourceLimiter, source_of
 from homenet.node.log import fields
 from homenet.node.policy import TargetPolicy, normalise
 from homenet.node.preamble import (
@@ -69,6 +72,8 @@ class Handshake:
     depth: int = 0
     request: Request | None = None
     trailing: bytes = b""
+    #: Admission unit (IPv4 address or IPv6 /64) when admitted by the source limiter.
+    source: str | None = None
 
 
 @dataclass(slots=True)
@@ -132,6 +137,14 @@ class Node:
         self.control_endpoint = control_endpoint
         self.policy = TargetPolicy.from_specs(settings.allow)
         self.dialer = dialer or Dialer(self.policy, timeout=settings.dial_timeout)
+        self.keys = KeyStore(settings.keys_path)
+        self.verifier = Verifier(self.keys)
+        self.limiter = SourceLimiter(
+            max_total=settings.max_handshakes,
+            max_per_source=settings.max_per_source,
+            threshold=settings.penalty_threshold,
+            penalty=settings.penalty_seconds,
+        )
         self.pool = pool or CarrierPool()
         self.listener_route: ListenerRoute | None = None
         self.listener_count: Callable[[], int] = lambda: 0
@@ -261,17 +274,27 @@ class Node:
             except OSError as exc:  # EMFILE and friends: keep serving what we have
                 log.warning("node.accept_failed", extra=fields(error=str(exc)))
                 return
-            if len(self._handshakes) >= self.settings.max_handshakes:
+            source = source_of(str(addr[0]))
+            why = self.limiter.admit(source)
+            if why is not None:
                 self.counters.refused += 1
+                with contextlib.suppress(OSError):
+                    sock.send(encode_reply(Code.TOO_MANY, why))
                 sock.close()
                 continue
             tune(sock)
-            self.serve_accepted(sock, _peer_str(addr))
+            self.serve_accepted(sock, _peer_str(addr), source=source)
 
-    def serve_accepted(self, sock: socket.socket, peer: str, buf: bytes = b"", depth: int = 0) -> None:
-        """Handle a connection as if accepted on the port (dial-back and pool connections come here)."""
+    def serve_accepted(
+        self, sock: socket.socket, peer: str, buf: bytes = b"", depth: int = 0, source: str | None = None
+    ) -> None:
+        """Handle a connection as if accepted on the port (dial-back and pool connections come here).
+
+        ``source`` is set when the connection was admitted by the source limiter (released at
+        the end of the handshake).
+        """
         assert self._loop is not None
-        task = self._loop.create_task(self._handshake(Handshake(sock, peer, buf, depth)))
+        task = self._loop.create_task(self._handshake(Handshake(sock, peer, buf, depth, source=source)))
         self._handshakes.add(task)
         task.add_done_callback(self._handshakes.discard)
 
@@ -307,6 +330,8 @@ class Node:
         except OSError as exc:
             log.debug("handshake.io_error", extra=fields(peer=hs.peer, error=str(exc)))
         finally:
+            if hs.source is not None:
+                self.limiter.release(hs.source)
             if not spliced:
                 hs.sock.close()
 
@@ -339,12 +364,30 @@ class Node:
                 raise RouteError(Code.NOT_FOUND, f"no listener {hop} on this node")
             target = await self.listener_route(hs, hop)
         else:
+            if self.settings.connect_auth != "none":
+                self.authorize(hs, "connect")
             try:
                 d: Dialed = await self.dialer.dial(hop)
             except DialError as exc:
                 raise RouteError(exc.code, exc.reason) from None
             target = Target(d.sock, str(d))
         return await self.splice_session(hs, target, req.arg)
+
+    def authorize(self, hs: Handshake, role: str) -> Key:
+        """The key that signed this request, if it holds ``role``; else an error reply.
+
+        A failed login counts against the client's source (see :class:`SourceLimiter`).
+        """
+        req = hs.request
+        assert req is not None
+        try:
+            return self.verifier.verify(f"HN/1 {req.verb.value} {req.arg}", req.fields, role)
+        except AuthError as exc:
+            if not exc.forbidden:
+                src = hs.source or source_of(hs.peer.rsplit(":", 1)[0].strip("[]"))
+                if self.limiter.failed(src):
+                    log.warning("auth.source_blocked", extra=fields(source=src))
+            raise RouteError(Code.FORBIDDEN if exc.forbidden else Code.UNAUTHORIZED, exc.reason) from None
 
     async def splice_session(self, hs: Handshake, target: Target, name: str) -> bool:
         """Reply OK, hand over the client's pipelined bytes, and splice client <-> target."""

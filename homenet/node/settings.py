@@ -69,6 +69,32 @@ class Settings:
     ping_interval: float = 2.0
     #: Relay role: seconds an offline listenId stays reserved for its owner.
     offline_hold: float = 60.0
+    #: Keys file (TOML) of the keys this node accepts; default: <state_dir>/keys.toml.
+    keys_file: str | None = None
+    #: This node's own key (``ID:SECRET``) for the relays and nodes it talks to.
+    key: str | None = field(default=None, repr=False)
+    #: Remote listen: ``required`` (a listen key claims its own id) or ``open`` (anonymous
+    #: nodes get random ids, or claim ids no key reserves).
+    rl_auth: str = "required"
+    #: ``none``, ``direct`` (direct targets and non-public services need a connect key) or ``all``.
+    connect_auth: str = "direct"
+    #: Discovery queries: ``required`` (a query key) or ``open``.
+    query_auth: str = "required"
+    #: Connections in handshake from one source (IPv4 address or IPv6 /64) at once.
+    max_per_source: int = 64
+    #: Sessions one listener may have at once.
+    max_listener_sessions: int = 1000
+    #: Failed authentications from one source (within a minute) before it is blocked.
+    penalty_threshold: int = 5
+    #: Seconds a source is first blocked for (doubles on repeat, up to 10 minutes).
+    penalty_seconds: float = 30.0
+    #: TLS on the one port (both planes): certificate chain and key files (PEM).
+    tls_cert: str | None = None
+    tls_key: str | None = None
+    #: Require client certificates signed by this CA (mTLS for relay peers and operators).
+    tls_client_ca: str | None = None
+    #: CA bundle to verify hns:// relays with (default: the system store).
+    tls_ca: str | None = None
 
     def __post_init__(self) -> None:
         if not 0 <= self.port <= 65535:
@@ -94,10 +120,25 @@ class Settings:
             raise SettingsError(f"log_format {self.log_format!r}: expected text or json")
         if self.listen_id is not None and not re.fullmatch(r"[A-Za-z0-9_-]{1,64}", self.listen_id):
             raise SettingsError(f"listen_id {self.listen_id!r}: expected 1-64 of A-Z a-z 0-9 _ -")
+        for name, allowed in (
+            ("rl_auth", ("required", "open")),
+            ("connect_auth", ("none", "direct", "all")),
+            ("query_auth", ("required", "open")),
+        ):
+            if getattr(self, name) not in allowed:
+                raise SettingsError(f"{name} {getattr(self, name)!r}: expected {' or '.join(allowed)}")
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise SettingsError("tls_cert and tls_key go together: give both or neither")
+        if self.key is not None and not re.fullmatch(r"[A-Za-z0-9_-]{1,64}:[A-Za-z0-9_-]{22,128}", self.key):
+            raise SettingsError("key must be ID:SECRET (the line `homenet key new` printed)")
+        for name in ("max_per_source", "max_listener_sessions", "penalty_threshold"):
+            if getattr(self, name) < 1:
+                raise SettingsError(f"{name} must be >= 1")
         if not 0 <= self.pool_size <= 64:
             raise SettingsError("pool_size must be 0-64")
         for name in (
             "handshake_timeout", "dial_timeout", "drain_grace", "rl_backoff_max", "ping_interval", "offline_hold",
+            "penalty_seconds",
         ):  # fmt: skip
             value = getattr(self, name)
             if not (math.isfinite(value) and value > 0):
@@ -106,6 +147,10 @@ class Settings:
             raise SettingsError(f"idle_timeout must be >= 0 (0 disables it), got {self.idle_timeout}")
         if self.max_sessions < 1 or self.max_handshakes < 1:
             raise SettingsError("max_sessions and max_handshakes must be >= 1")
+
+    @property
+    def keys_path(self) -> Path:
+        return Path(self.keys_file) if self.keys_file else Path(self.state_dir) / "keys.toml"
 
     def replace(self, **changes: Any) -> Settings:
         return dataclasses.replace(self, **changes)

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1ahomenet/v1/discovery.proto\x12\nhomenet.v1\"8\n\x0cQueryRequest\x12\x0c\n\x04path\x18\x01 \x03(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x0c\n\x04type\x18\x03 \x01(\t\"\xe5\x01\n\x07Service\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0c\n\x04type\x18\x02 \x01(\t\x12\x11\n\tlisten_id\x18\x03 \x01(\t\x12\x0c\n\x04host\x18\x04 \x01(\t\x12\x11\n\taddresses\x18\x05 \x03(\t\x12\x0c\n\x04port\x18\x06 \x01(\r\x12)\n\x03txt\x18\x07 \x03(\x0b\x32\x1c.homenet.v1.Service.TxtEntry\x12\x12\n\nfirst_seen\x18\x08 \x01(\x01\x12\x11\n\tlast_seen\x18\t \x01(\x01\x1a*\n\x08TxtEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"_\n\rQueryResponse\x12%\n\x08services\x18\x01 \x03(\x0b\x32\x13.homenet.v1.Service\x12\x0c\n\x04node\x18\x02 \x01(\t\x12\x19\n\x11\x64iscovery_enabled\x18\x03 \x01(\x08\x32P\n\x10\x44iscoveryService\x12<\n\x05Query\x12\x18.homenet.v1.QueryRequest\x1a\x19.homenet.v1.QueryResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1ahomenet/v1/discovery.proto\x12\nhomenet.v1\"r\n\x0cQueryRequest\x12\x0c\n\x04path\x18\x01 \x03(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x0c\n\x04type\x18\x03 \x01(\t\x12\x13\n\x0borigin_path\x18\x04 \x03(\t\x12#\n\x04\x61uth\x18\x05 \x01(\x0b\x32\x15.homenet.v1.QueryAuth\"@\n\tQueryAuth\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\n\n\x02ts\x18\x02 \x01(\t\x12\r\n\x05nonce\x18\x03 \x01(\t\x12\x0b\n\x03mac\x18\x04 \x01(\t\"\xe5\x01\n\x07Service\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0c\n\x04type\x18\x02 \x01(\t\x12\x11\n\tlisten_id\x18\x03 \x01(\t\x12\x0c\n\x04host\x18\x04 \x01(\t\x12\x11\n\taddresses\x18\x05 \x03(\t\x12\x0c\n\x04port\x18\x06 \x01(\r\x12)\n\x03txt\x18\x07 \x03(\x0b\x32\x1c.homenet.v1.Service.TxtEntry\x12\x12\n\nfirst_seen\x18\x08 \x01(\x01\x12\x11\n\tlast_seen\x18\t \x01(\x01\x1a*\n\x08TxtEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"_\n\rQueryResponse\x12%\n\x08services\x18\x01 \x03(\x0b\x32\x13.homenet.v1.Service\x12\x0c\n\x04node\x18\x02 \x01(\t\x12\x19\n\x11\x64iscovery_enabled\x18\x03 \x01(\x08\x32P\n\x10\x44iscoveryService\x12<\n\x05Query\x12\x18.homenet.v1.QueryRequest\x1a\x19.homenet.v1.QueryResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -34,13 +34,15 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_SERVICE_TXTENTRY']._loaded_options = None
   _globals['_SERVICE_TXTENTRY']._serialized_options = b'8\001'
   _globals['_QUERYREQUEST']._serialized_start=42
-  _globals['_QUERYREQUEST']._serialized_end=98
-  _globals['_SERVICE']._serialized_start=101
-  _globals['_SERVICE']._serialized_end=330
-  _globals['_SERVICE_TXTENTRY']._serialized_start=288
-  _globals['_SERVICE_TXTENTRY']._serialized_end=330
-  _globals['_QUERYRESPONSE']._serialized_start=332
-  _globals['_QUERYRESPONSE']._serialized_end=427
-  _globals['_DISCOVERYSERVICE']._serialized_start=429
-  _globals['_DISCOVERYSERVICE']._serialized_end=509
+  _globals['_QUERYREQUEST']._serialized_end=156
+  _globals['_QUERYAUTH']._serialized_start=158
+  _globals['_QUERYAUTH']._serialized_end=222
+  _globals['_SERVICE']._serialized_start=225
+  _globals['_SERVICE']._serialized_end=454
+  _globals['_SERVICE_TXTENTRY']._serialized_start=412
+  _globals['_SERVICE_TXTENTRY']._serialized_end=454
+  _globals['_QUERYRESPONSE']._serialized_start=456
+  _globals['_QUERYRESPONSE']._serialized_end=551
+  _globals['_DISCOVERYSERVICE']._serialized_start=553
+  _globals['_DISCOVERYSERVICE']._serialized_end=633
 # @@protoc_insertion_point(module_scope)

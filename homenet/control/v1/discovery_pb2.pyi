@@ -25,6 +25,8 @@ class QueryRequest(_message.Message):
     PATH_FIELD_NUMBER: _builtins.int
     NAME_FIELD_NUMBER: _builtins.int
     TYPE_FIELD_NUMBER: _builtins.int
+    ORIGIN_PATH_FIELD_NUMBER: _builtins.int
+    AUTH_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     """Keep services whose instance name or listenId contains this (case-insensitive)."""
     type: _builtins.str
@@ -33,20 +35,60 @@ class QueryRequest(_message.Message):
     def path(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """listenIds from this node to the node to ask (empty: this node itself)."""
 
+    @_builtins.property
+    def origin_path(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """The path as the client sent it to the first node (set by that node when it forwards)."""
+
+    @_builtins.property
+    def auth(self) -> Global___QueryAuth:
+        """Proof of a query key for the node that answers: HMAC token over
+        "query\\n" + join(origin_path, "/") + "\\n" + name + "\\n" + type (see README, Security).
+        """
+
     def __init__(
         self,
         *,
         path: _abc.Iterable[_builtins.str] | None = ...,
         name: _builtins.str = ...,
         type: _builtins.str = ...,
+        origin_path: _abc.Iterable[_builtins.str] | None = ...,
+        auth: Global___QueryAuth | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["auth", b"auth"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["name", b"name", "path", b"path", "type", b"type"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["auth", b"auth", "name", b"name", "origin_path", b"origin_path", "path", b"path", "type", b"type"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___QueryRequest: _TypeAlias = QueryRequest  # noqa: Y015
+
+@_typing.final
+class QueryAuth(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    KEY_FIELD_NUMBER: _builtins.int
+    TS_FIELD_NUMBER: _builtins.int
+    NONCE_FIELD_NUMBER: _builtins.int
+    MAC_FIELD_NUMBER: _builtins.int
+    key: _builtins.str
+    ts: _builtins.str
+    nonce: _builtins.str
+    mac: _builtins.str
+    def __init__(
+        self,
+        *,
+        key: _builtins.str = ...,
+        ts: _builtins.str = ...,
+        nonce: _builtins.str = ...,
+        mac: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "mac", b"mac", "nonce", b"nonce", "ts", b"ts"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___QueryAuth: _TypeAlias = QueryAuth  # noqa: Y015
 
 @_typing.final
 class Service(_message.Message):

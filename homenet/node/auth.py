@@ -1,0 +1,100 @@
+"""Proof of a key without sending it: timestamped, single-use HMAC tokens.
+
+A client proves it holds key ``ID`` by sending ``key=ID ts=UNIX nonce=N mac=M`` where
+``M = HMAC-SHA256(secret, context | ID | ts | nonce)`` and ``context`` is the very thing it
+asks for (``HN/1 CONNECT 10.0.0.5:22`` on the data plane, the method name on gRPC). The
+verifier checks the clock-skew window (``SKEW`` seconds either way), refuses a nonce it has
+already seen within the window (replay), and compares MACs in constant time. Tokens need no
+round trip, so a client can still pipeline a whole chain.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import hmac
+import secrets
+import time
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from homenet.node.keys import Key, KeyStore, Secret
+
+#: Seconds a token's timestamp may differ from the verifier's clock, either way.
+SKEW = 60.0
+#: Nonces remembered at most (oldest forgotten first; only valid tokens are remembered).
+REPLAY_CACHE = 200_000
+
+
+class AuthError(Exception):
+    """Authentication failed; ``reason`` is safe to send to the peer."""
+
+    def __init__(self, reason: str, *, forbidden: bool = False) -> None:
+        super().__init__(reason)
+        self.reason = reason
+        #: True: the key is valid but lacks the role (not a failed login).
+        self.forbidden = forbidden
+
+
+def _b64(raw: bytes) -> str:
+    return base64.urlsafe_b64encode(raw).rstrip(b"=").decode("ascii")
+
+
+def mac(secret: Secret, context: str, key_id: str, ts: str, nonce: str) -> str:
+    msg = "\n".join((context, key_id, ts, nonce)).encode("utf-8")
+    return _b64(hmac.new(secret.reveal().encode("ascii"), msg, hashlib.sha256).digest())
+
+
+@dataclass(frozen=True)
+class Credentials:
+    """A client's key: makes tokens."""
+
+    key_id: str
+    secret: Secret
+
+    def token(self, context: str, now: float | None = None) -> dict[str, str]:
+        ts = str(int(time.time() if now is None else now))
+        nonce = _b64(secrets.token_bytes(12))
+        return {"key": self.key_id, "ts": ts, "nonce": nonce, "mac": mac(self.secret, context, self.key_id, ts, nonce)}
+
+
+class Verifier:
+    """Checks tokens against a :class:`KeyStore`; owns the replay cache."""
+
+    def __init__(self, keys: KeyStore, clock: Callable[[], float] = time.time, skew: float = SKEW) -> None:
+        self.keys = keys
+        self.clock = clock
+        self.skew = skew
+        self._seen: OrderedDict[tuple[str, str], float] = OrderedDict()
+
+    def verify(self, context: str, token: dict[str, str], role: str) -> Key:
+        """The key that signed ``context``, if it holds ``role``; raises :class:`AuthError`."""
+        kid, ts, nonce, got = (token.get(k, "") for k in ("key", "ts", "nonce", "mac"))
+        if not kid:
+            raise AuthError(f"this needs a key with the {role} role (set HOMENET_KEY=ID:SECRET)")
+        if not (ts.isascii() and ts.isdigit() and len(ts) <= 12) or not (8 <= len(nonce) <= 64) or not got:
+            raise AuthError("malformed credentials")
+        now = self.clock()
+        if abs(now - int(ts)) > self.skew:
+            raise AuthError(f"credentials expired or clock skew over {self.skew:g}s (check the client's clock)")
+        key = self.keys.get(kid)
+        expected = mac(key.secret if key else Secret("x" * 32), context, kid, ts, nonce)
+        if not hmac.compare_digest(expected.encode("ascii"), got.encode("ascii", "replace")) or key is None:
+            raise AuthError("bad credentials")
+        self._expire(now)
+        if (kid, nonce) in self._seen:
+            raise AuthError("replayed credentials")
+        self._seen[(kid, nonce)] = now + 2 * self.skew
+        while len(self._seen) > REPLAY_CACHE:
+            self._seen.popitem(last=False)
+        if not key.allows(role):
+            raise AuthError(f"key {kid} lacks the {role} role", forbidden=True)
+        return key
+
+    def _expire(self, now: float) -> None:
+        while self._seen:
+            first = next(iter(self._seen.values()))
+            if first > now:
+                break
+            self._seen.popitem(last=False)

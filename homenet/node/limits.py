@@ -1,0 +1,108 @@
+"""Per-source admission: caps on connections in handshake, and penalties for failed auth.
+
+Sources are IPv4 addresses, or IPv6 /64 networks (one subscriber usually holds a whole /64).
+After ``threshold`` failed authentications within ``window`` seconds a source is blocked for
+``penalty`` seconds, doubling on each repeat up to ``max_penalty`` (like OpenSSH's
+PerSourcePenalties); a blocked source's connections are closed at accept, others are not
+affected. Tables are bounded; the clock is injectable.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import time
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass
+
+MAX_TRACKED = 65536
+
+
+def source_of(host: str) -> str:
+    """The admission unit of a peer address: the IPv4 address or the IPv6 /64."""
+    try:
+        addr = ipaddress.ip_address(host.split("%", 1)[0])
+    except ValueError:
+        return host
+    if isinstance(addr, ipaddress.IPv6Address):
+        if addr.ipv4_mapped is not None:
+            return str(addr.ipv4_mapped)
+        return str(ipaddress.IPv6Network(f"{addr}/64", strict=False))
+    return str(addr)
+
+
+@dataclass(slots=True)
+class _Record:
+    failures: int = 0
+    first_failure: float = 0.0
+    blocked_until: float = 0.0
+    strikes: int = 0
+
+
+class SourceLimiter:
+    """Admission decisions by source; one per node."""
+
+    def __init__(
+        self,
+        max_total: int = 256,
+        max_per_source: int = 64,
+        threshold: int = 5,
+        window: float = 60.0,
+        penalty: float = 30.0,
+        max_penalty: float = 600.0,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.max_total = max_total
+        self.max_per_source = max_per_source
+        self.threshold = threshold
+        self.window = window
+        self.penalty = penalty
+        self.max_penalty = max_penalty
+        self.clock = clock
+        self.pending: dict[str, int] = {}
+        self.total = 0
+        self._records: OrderedDict[str, _Record] = OrderedDict()
+
+    def admit(self, source: str) -> str | None:
+        """Start a handshake for ``source``; returns why not, or None (then call :meth:`release`)."""
+        rec = self._records.get(source)
+        if rec is not None and rec.blocked_until > self.clock():
+            return "source blocked after repeated failed authentication"
+        if self.total >= self.max_total:
+            return "too many connections in handshake"
+        if self.pending.get(source, 0) >= self.max_per_source:
+            return "too many connections in handshake from this source"
+        self.pending[source] = self.pending.get(source, 0) + 1
+        self.total += 1
+        return None
+
+    def release(self, source: str) -> None:
+        n = self.pending.get(source, 0) - 1
+        if n <= 0:
+            self.pending.pop(source, None)
+        else:
+            self.pending[source] = n
+        self.total = max(0, self.total - 1)
+
+    def blocked(self, source: str) -> bool:
+        rec = self._records.get(source)
+        return rec is not None and rec.blocked_until > self.clock()
+
+    def failed(self, source: str) -> bool:
+        """Record a failed authentication; True if the source is now blocked."""
+        now = self.clock()
+        rec = self._records.get(source)
+        if rec is None:
+            rec = self._records[source] = _Record()
+            while len(self._records) > MAX_TRACKED:
+                self._records.popitem(last=False)
+        self._records.move_to_end(source)
+        if now - rec.first_failure > self.window:
+            rec.failures, rec.first_failure = 0, now
+        rec.failures += 1
+        if rec.failures >= self.threshold:
+            rec.strikes += 1
+            rec.blocked_until = now + min(self.max_penalty, self.penalty * 2 ** (rec.strikes - 1))
+            rec.failures = 0
+            return True
+        return False
