@@ -130,7 +130,7 @@ def parse_endpoint(text: str, default_port: int | None = None) -> Endpoint:
     try:
         host = str(ipaddress.IPv4Address(host))
     except ValueError:
-        if not _valid_hostname(host) or _numeric_spelling(host):
+        if not _valid_hostname(host) or _numeric_spelling(host.rstrip(".")):
             raise AddressError(f"bad host {host!r}: expected an IPv4 address or a DNS name") from None
         host = host.lower().rstrip(".")
     return Endpoint(host, port)

@@ -22,10 +22,13 @@ def fields(**kv: Any) -> dict[str, Any]:
 
 
 def mask(key: str, value: Any) -> Any:
-    """Mask a value whose key names a secret (keeps 4 chars so operators can correlate)."""
+    """Mask a value whose key names a secret (keeps 4 chars so operators can correlate);
+    nested mappings are masked the same way."""
     if any(s in key.lower() for s in _SECRET_KEYS) and key.lower() not in ("key_id", "keyid"):
         text = str(value)
         return text[:4] + "…" if len(text) > 8 else "…"
+    if isinstance(value, dict):
+        return {k: mask(str(k), v) for k, v in value.items()}
     return value
 
 
@@ -63,7 +66,8 @@ class JsonFormatter(logging.Formatter):
             "logger": record.name,
             "event": record.getMessage(),
         }
-        out.update(_kv(record))
+        for k, v in _kv(record).items():  # never let a field overwrite the envelope
+            out[f"field_{k}" if k in out else k] = v
         if record.exc_info:
             out["error"] = self.formatException(record.exc_info).splitlines()[-1]
         return json.dumps(out, default=str)

@@ -98,6 +98,21 @@ def lan_networks() -> list[IPNetwork]:
     return nets
 
 
+def local_addresses() -> list[IPAddress]:
+    """Every address of this host's interfaces (what a wildcard bind listens on)."""
+    import ifaddr
+
+    out: list[IPAddress] = []
+    for adapter in ifaddr.get_adapters():
+        for ip in adapter.ips:
+            host = ip.ip[0] if isinstance(ip.ip, tuple) else ip.ip
+            try:
+                out.append(normalise(ipaddress.ip_address(host.split("%", 1)[0])))
+            except ValueError:
+                continue
+    return out
+
+
 @dataclass(frozen=True)
 class TargetPolicy:
     """Allow rules for direct targets, plus the node's own endpoint (never dialed)."""

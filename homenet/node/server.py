@@ -25,7 +25,7 @@ from homenet.node.dialer import Dialed, Dialer, DialError, connect, tune
 from homenet.node.keys import Key, KeyStore
 from homenet.node.limits import SourceLimiter, source_of
 from homenet.node.log import fields
-from homenet.node.policy import TargetPolicy, normalise
+from homenet.node.policy import TargetPolicy, local_addresses, normalise
 from homenet.node.preamble import (
     NEED_DATA,
     Code,
@@ -187,8 +187,12 @@ class Node:
         self._lsock = lsock
         host, port = lsock.getsockname()[:2]
         self._address = Endpoint(str(host), int(port))
-        if self.dialer.policy is self.policy:  # never dial our own listener
-            self.policy = self.policy.with_own(normalise(ip_address(host)), port)
+        if self.dialer.policy is self.policy:  # never dial our own listener, by any of its addresses
+            own = normalise(ip_address(host))
+            self.policy = self.policy.with_own(own, port)
+            if own.is_unspecified:
+                for addr in local_addresses():
+                    self.policy = self.policy.with_own(addr, port)
             self.dialer.policy = self.policy
         self._loop.add_reader(lsock.fileno(), self._on_accept)
         self.started = time.time()

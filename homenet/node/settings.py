@@ -131,7 +131,7 @@ class Settings:
             raise SettingsError("tls_cert and tls_key go together: give both or neither")
         if self.key is not None and not re.fullmatch(r"[A-Za-z0-9_-]{1,64}:[A-Za-z0-9_-]{22,128}", self.key):
             raise SettingsError("key must be ID:SECRET (the line `homenet key new` printed)")
-        for name in ("max_per_source", "max_listener_sessions", "penalty_threshold"):
+        for name in ("max_sessions", "max_handshakes", "max_per_source", "max_listener_sessions", "penalty_threshold"):
             if getattr(self, name) < 1:
                 raise SettingsError(f"{name} must be >= 1")
         if not 0 <= self.pool_size <= 64:
@@ -145,8 +145,6 @@ class Settings:
                 raise SettingsError(f"{name} must be > 0, got {value}")
         if not (math.isfinite(self.idle_timeout) and self.idle_timeout >= 0):
             raise SettingsError(f"idle_timeout must be >= 0 (0 disables it), got {self.idle_timeout}")
-        if self.max_sessions < 1 or self.max_handshakes < 1:
-            raise SettingsError("max_sessions and max_handshakes must be >= 1")
 
     @property
     def keys_path(self) -> Path:

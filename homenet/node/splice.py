@@ -200,6 +200,7 @@ class _Direction:
                 return False
             self.pending -= m
             self.bytes += m
+            self.splice.last_active = self.loop.time()  # a slow reader draining is not idle
         return True
 
     def wait_writable(self) -> None:
@@ -243,6 +244,8 @@ class Splice:
     ) -> None:
         self.loop = loop or asyncio.get_running_loop()
         self.pool = pool
+        a.setblocking(False)  # a blocking socket would stall the whole loop
+        b.setblocking(False)
         self.a, self.b = a, b
         self.up = _Direction(self, a, b)
         self.down = _Direction(self, b, a)

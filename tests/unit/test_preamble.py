@@ -99,11 +99,10 @@ def test_whole_stream_in_one_chunk() -> None:
     assert rest == PAYLOAD
 
 
-@pytest.mark.parametrize("cut", range(1, len(STREAM)))
-def test_every_single_split_point(cut: int) -> None:
-    events, rest = _feed_requests(_chunks(STREAM, [cut]), 2)
-    assert events == EXPECTED
-    assert rest == PAYLOAD
+def test_every_single_split_point() -> None:
+    for cut in range(1, len(STREAM)):
+        events, rest = _feed_requests(_chunks(STREAM, [cut]), 2)
+        assert (events, rest) == (EXPECTED, PAYLOAD), cut
 
 
 def test_every_pair_of_split_points_in_the_requests() -> None:
@@ -120,11 +119,10 @@ def test_byte_by_byte() -> None:
     assert rest == PAYLOAD
 
 
-@pytest.mark.parametrize("cut", range(1, len(STREAM)))
-def test_node_forwards_everything_after_its_request(cut: int) -> None:
-    request, forwarded = _node_style(_chunks(STREAM, [cut]))
-    assert request == EXPECTED[0]
-    assert forwarded == REQ2 + PAYLOAD
+def test_node_forwards_everything_after_its_request_at_every_split_point() -> None:
+    for cut in range(1, len(STREAM)):
+        request, forwarded = _node_style(_chunks(STREAM, [cut]))
+        assert (request, forwarded) == (EXPECTED[0], REQ2 + PAYLOAD), cut
 
 
 def test_node_style_byte_by_byte() -> None:
@@ -336,11 +334,11 @@ def test_eof_before_anything() -> None:
     assert err.reason == "connection closed"
 
 
-@pytest.mark.parametrize("cut", range(1, len(REQ1)))
-def test_eof_mid_line(cut: int) -> None:
-    err = _raises(REQ1[:cut], eof=True)
-    assert err.code is Code.BAD_REQUEST
-    assert "truncated" in err.reason
+def test_eof_mid_line_at_every_offset() -> None:
+    for cut in range(1, len(REQ1)):
+        err = _raises(REQ1[:cut], eof=True)
+        assert err.code is Code.BAD_REQUEST, cut
+        assert "truncated" in err.reason
 
 
 def test_eof_mid_line_on_the_reply_side() -> None:
@@ -403,13 +401,12 @@ def test_encode_request_of_exactly_max_line() -> None:
         encode_request(Verb.CONNECT, "x", fields)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: encode_request does not enforce MAX_FIELDS, so it emits lines the parser refuses",
-)
 def test_encode_request_refuses_more_than_max_fields() -> None:
-    with pytest.raises(ValueError):  # noqa: PT011
-        encode_request(Verb.CONNECT, "x", {f"f{i}": "v" for i in range(MAX_FIELDS + 1)})
+    fields = {f"f{i}": "v" for i in range(MAX_FIELDS)}
+    assert parse_request_line(encode_request(Verb.CONNECT, "x", fields)[:-1]).fields == fields
+    fields["one_more"] = "v"
+    with pytest.raises(ValueError, match="fields"):
+        encode_request(Verb.CONNECT, "x", fields)
 
 
 _PRINTABLE = "".join(chr(c) for c in range(0x21, 0x7F))
@@ -521,20 +518,25 @@ def test_any_reason_encodes_to_a_parsable_line(code: Code, reason: str) -> None:
 REPLY_STREAM = b"HN/1 200 ok\r\nHN/1 200 ok relayed\n" + PAYLOAD
 
 
-@pytest.mark.parametrize("cut", range(1, len(REPLY_STREAM)))
-def test_pipelined_replies_at_every_split_point(cut: int) -> None:
+def _feed_replies(chunks: Iterable[bytes], want: int) -> tuple[list[Reply], bytes]:
     parser = ReplyParser()
     replies: list[Reply] = []
-    for chunk in _chunks(REPLY_STREAM, [cut]):
+    for chunk in chunks:
         parser.receive_data(chunk)
-        while len(replies) < 2:
+        while len(replies) < want:
             ev = parser.next_event()
             if ev is NEED_DATA:
                 break
             assert isinstance(ev, Reply)
             replies.append(ev)
-    assert replies == [Reply(Code.OK), Reply(Code.OK, "relayed")]
-    assert parser.trailing() == PAYLOAD
+    return replies, parser.trailing()
+
+
+def test_pipelined_replies_at_every_split_point() -> None:
+    want = [Reply(Code.OK), Reply(Code.OK, "relayed")]
+    for cut in range(1, len(REPLY_STREAM)):
+        assert _feed_replies(_chunks(REPLY_STREAM, [cut]), 2) == (want, PAYLOAD), cut
+    assert _feed_replies([bytes([b]) for b in REPLY_STREAM], 2) == (want, PAYLOAD)
 
 
 BAD_REPLIES: list[tuple[str, bytes, Code]] = [
@@ -577,20 +579,22 @@ def test_reply_oversize() -> None:
     assert "reply" in info.value.reason
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: non-canonical numbers (int() leniency) are accepted on the wire")
 @pytest.mark.parametrize(
     "line",
-    [b"HN/1 +200 ok", b"HN/1 0200 ok", b"HN/1 2_00 ok", b"HN/01 200 ok"],
+    [b"HN/1 +200 ok", b"HN/1 0200 ok", b"HN/1 2_00 ok", b"HN/1 20 ok", b"HN/1 2000 ok", b"HN/01 200 ok"],
 )
 def test_non_canonical_numbers_are_refused(line: bytes) -> None:
-    with pytest.raises(ProtocolError):
+    # int() reads all of these as 200 or 1; the wire has one spelling per number
+    with pytest.raises(ProtocolError) as info:
         parse_reply_line(line)
+    assert info.value.code is Code.BAD_REQUEST
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: a zero-padded version (HN/01, HN/001) is accepted as HN/1")
-def test_zero_padded_request_version_is_refused() -> None:
-    with pytest.raises(ProtocolError):
-        parse_request_line(b"HN/001 CONNECT a")
+@pytest.mark.parametrize("line", [b"HN/01 CONNECT a", b"HN/001 CONNECT a", b"HN/+1 CONNECT a", b"HN/1_0 CONNECT a"])
+def test_non_canonical_request_versions_are_refused(line: bytes) -> None:
+    with pytest.raises(ProtocolError) as info:
+        parse_request_line(line)
+    assert info.value.code is Code.BAD_REQUEST
 
 
 # -- plane detection ----------------------------------------------------------------------
@@ -644,17 +648,32 @@ def test_detect_plane_is_consistent_with_growing_prefixes(data: bytes) -> None:
 # -- fuzz: only ProtocolError, ever ----------------------------------------------------------
 
 _PIECES = st.sampled_from(
-    [b"HN/1 ", b"HN/2 ", b"CONNECT ", b"TICKET ", b"POOL ", b"a=b ", b"=", b" ", b"\r", b"\n", b"\x00", b"\xff", b"200 ok"]
+    [
+        b"HN/1 ",
+        b"HN/2 ",
+        b"CONNECT ",
+        b"TICKET ",
+        b"POOL ",
+        b"a=b ",
+        b"=",
+        b" ",
+        b"\r",
+        b"\n",
+        b"\x00",
+        b"\xff",
+        b"200 ok",
+    ]
 )
-_FUZZ = st.lists(st.one_of(st.binary(max_size=64), _PIECES), max_size=40).map(b"".join) | st.binary(max_size=2500)
+_FUZZ = st.lists(st.one_of(st.binary(max_size=48), _PIECES), max_size=30).map(b"".join) | st.binary(max_size=1300)
 
 
 @settings(max_examples=2000, deadline=None)
-@given(data=_FUZZ, cuts=st.lists(st.integers(min_value=0, max_value=2600), max_size=12), eof=st.booleans())
+@given(data=_FUZZ, cuts=st.lists(st.integers(min_value=0, max_value=1400), max_size=12), eof=st.booleans())
 def test_arbitrary_bytes_only_ever_raise_protocol_error(data: bytes, cuts: list[int], eof: bool) -> None:
     chunks = _chunks(data, [c for c in cuts if c <= len(data)])
     if eof:
         chunks.append(b"")
+    codes: list[Code] = []
     for parser in (RequestParser(), ReplyParser()):
         try:
             for chunk in chunks:
@@ -662,7 +681,7 @@ def test_arbitrary_bytes_only_ever_raise_protocol_error(data: bytes, cuts: list[
                 while parser.next_event() is not NEED_DATA:
                     pass
         except ProtocolError as exc:
-            assert isinstance(exc.code, Code)
-            assert exc.code is not Code.OK
+            codes.append(exc.code)
         # trailing never hands back more than was fed
         assert len(parser.trailing()) <= len(data)
+    assert all(isinstance(c, Code) and c is not Code.OK for c in codes)
