@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import sys
 import time
@@ -30,6 +31,8 @@ def _parser() -> argparse.ArgumentParser:
         help="node to talk to, HOST:PORT (default $HOMENET_NODE or 127.0.0.1:6969)",
     )  # fmt: skip
     p.add_argument("--timeout", type=float, default=5.0, help="deadline of each call in seconds (default 5)")
+    p.add_argument("--tls", action="store_true", help="talk TLS to --node (hns:// URLs imply it)")
+    p.add_argument("--tls-ca", metavar="PEM", default=os.environ.get("HOMENET_TLS_CA"), help="CA to verify with")
     p.add_argument(
         "--key-file", metavar="FILE",
         help="key to sign calls with (default: $HOMENET_KEY, else the admin key of a local node's state dir)",
@@ -174,7 +177,7 @@ async def _kick(client: ControlClient, listen_id: str) -> None:
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``hnctl`` command."""
     args = _parser().parse_args(argv)
-    node, path = args.node, []
+    node, path, tls = args.node, [], args.tls
     try:
         parse_endpoint(args.node, DEFAULT_PORT)
     except AddressError as exc:
@@ -187,7 +190,7 @@ def main(argv: list[str] | None = None) -> int:
         bad = [str(h) for h in route.hops if not isinstance(h, ListenId)]
         if bad:
             fail(f"query path must be listenIds of nodes, not {bad[0]}", EXIT_USAGE)
-        node, path = str(route.entry), [str(h) for h in route.hops]
+        node, path, tls = str(route.entry), [str(h) for h in route.hops], tls or route.tls
 
     try:
         found = client_key(key_file=args.key_file, local_keys=load_settings().keys_path)
@@ -196,7 +199,7 @@ def main(argv: list[str] | None = None) -> int:
     creds = Credentials(*found) if found else None
 
     async def go() -> None:
-        async with ControlClient(node, args.timeout, creds) as client:
+        async with ControlClient(node, args.timeout, creds, tls, args.tls_ca) as client:
             if args.command == "status":
                 await _status(client, args.json)
             elif args.command == "sessions":
@@ -216,6 +219,9 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_INTERRUPTED
     except BrokenPipeError:
         return quiet_broken_pipe()
+    except Exception as exc:  # a bug: still one line for the user, the details under --log-level debug
+        logging.getLogger("homenet").debug("crash", exc_info=exc)
+        fail(f"internal error ({type(exc).__name__}: {exc}); please report it")
     return EXIT_OK
 
 

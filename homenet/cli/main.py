@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import logging
+import os
+import ssl
 import sys
 from typing import Any
 
@@ -17,12 +20,13 @@ from homenet.cli.common import (
     raise_nofile,
     run,
 )
-from homenet.node.address import AddressError, parse_endpoint, parse_url
+from homenet.node.address import AddressError, Route, parse_endpoint, parse_url
 from homenet.node.auth import Credentials
 from homenet.node.client import RouteFailed
 from homenet.node.keys import ROLES, KeyFileError, KeyStore, client_key
 from homenet.node.log import configure
 from homenet.node.settings import Settings, SettingsError, load_settings
+from homenet.node.tls import TLSError, client_context
 
 
 def _announce(line: str) -> None:
@@ -31,6 +35,16 @@ def _announce(line: str) -> None:
 
 def _notice(line: str) -> None:
     print(f"homenet: {line}", file=sys.stderr, flush=True)
+
+
+def _tls(route: Route, ca: str | None) -> ssl.SSLContext | None:
+    """The TLS context for an hns:// route (None for hn://)."""
+    if not route.tls:
+        return None
+    try:
+        return client_context(ca or os.environ.get("HOMENET_TLS_CA") or None)
+    except TLSError as exc:
+        fail(str(exc), EXIT_USAGE)
 
 
 def _client_creds(key_file: str | None) -> Credentials | None:
@@ -107,6 +121,7 @@ def _parser() -> argparse.ArgumentParser:
     conn.add_argument("--data", help="send TEXT instead of reading stdin, then half-close")
     conn.add_argument("--timeout", type=float, default=10.0, help="seconds to open the route (default 10)")
     conn.add_argument("--key-file", metavar="FILE", help="key to sign requests with (default $HOMENET_KEY)")
+    conn.add_argument("--tls-ca", metavar="PEM", help="CA to verify an hns:// node with (default: system store)")
 
     pub = sub.add_parser(
         "publish", help="announce a service on the LAN over mDNS until stopped",
@@ -145,6 +160,7 @@ def _parser() -> argparse.ArgumentParser:
     lis.add_argument("--port", type=int, default=0, help="local port (default: a free one)")
     lis.add_argument("--timeout", type=float, default=10.0, help="seconds to open the route (default 10)")
     lis.add_argument("--key-file", metavar="FILE", help="key to sign requests with (default $HOMENET_KEY)")
+    lis.add_argument("--tls-ca", metavar="PEM", help="CA to verify an hns:// node with (default: system store)")
     lis.add_argument("--log-level", default="warning", choices=["debug", "info", "warning", "error"])
     return p
 
@@ -175,7 +191,7 @@ def _cmd_node(args: argparse.Namespace) -> int:
     raise_nofile()
     try:
         run(run_node(settings, _announce, notice=_notice))
-    except Fatal as exc:
+    except (Fatal, TLSError) as exc:
         fail(str(exc))
     except OSError as exc:
         fail(f"cannot listen on {settings.bind}:{settings.port}: {exc.strerror or exc}", EXIT_FAILED)
@@ -213,7 +229,7 @@ def _cmd_connect(args: argparse.Namespace) -> int:
         fail(str(exc), EXIT_USAGE)
     data = args.data.encode("utf-8") if args.data is not None else None
     try:
-        run(stdio_session(route, data, args.timeout, creds=_client_creds(args.key_file)))
+        run(stdio_session(route, data, args.timeout, creds=_client_creds(args.key_file), tls=_tls(route, args.tls_ca)))
     except RouteFailed as exc:
         fail(str(exc))
     except (ConnectionError, OSError) as exc:
@@ -233,12 +249,13 @@ def _cmd_listen(args: argparse.Namespace) -> int:
     configure(args.log_level)
     raise_nofile()
     creds = _client_creds(args.key_file)
+    tls = _tls(route, args.tls_ca)
 
     async def serve() -> None:
         import asyncio
         import signal
 
-        fwd = Forwarder(route, args.bind, args.port, args.timeout, creds)
+        fwd = Forwarder(route, args.bind, args.port, args.timeout, creds, tls)
         try:
             ep = await fwd.start()
         except OSError as exc:
@@ -344,6 +361,9 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_INTERRUPTED
     except BrokenPipeError:
         return quiet_broken_pipe()
+    except Exception as exc:  # a bug: still one line for the user, the details under --log-level debug
+        logging.getLogger("homenet").debug("crash", exc_info=exc)
+        fail(f"internal error ({type(exc).__name__}: {exc}); please report it")
 
 
 if __name__ == "__main__":

@@ -43,6 +43,7 @@ def _rl_options(settings: Settings, url: str, node_id: str) -> RLOptions:
     creds = Credentials(*parse_key_ref(settings.key)) if settings.key else None
     return RLOptions(
         creds=creds,
+        tls_ca=settings.tls_ca,
         route=parse_url(url),
         listen_id=settings.listen_id or "",
         pool_size=settings.pool_size,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from types import TracebackType
 from typing import Any
 
@@ -33,15 +34,31 @@ def _describe(exc: grpc.aio.AioRpcError, target: str) -> str:
     return f"node {target}: {code.name.lower()}: {exc.details()}"
 
 
+def open_channel(
+    target: str, tls: bool = False, tls_ca: str | None = None, options: list[tuple[str, Any]] | None = None
+) -> grpc.aio.Channel:
+    """A channel to a node's one port: plaintext, or TLS verified with ``tls_ca`` (or the system store)."""
+    if not tls:
+        return grpc.aio.insecure_channel(target, options=options)
+    try:
+        roots = Path(tls_ca).read_bytes() if tls_ca else None
+    except OSError as exc:
+        raise ControlError(f"cannot read --tls-ca {tls_ca}: {exc.strerror}") from None
+    return grpc.aio.secure_channel(target, grpc.ssl_channel_credentials(root_certificates=roots), options=options)
+
+
 class ControlClient:
     """Talks to one node's gRPC API at ``HOST:PORT`` (the node's one port)."""
 
-    def __init__(self, node: str, timeout: float = 5.0, creds: Credentials | None = None) -> None:
+    def __init__(
+        self, node: str, timeout: float = 5.0, creds: Credentials | None = None, tls: bool = False,
+        tls_ca: str | None = None,
+    ) -> None:  # fmt: skip
         ep = parse_endpoint(node, DEFAULT_PORT)
         self.target = str(ep)
         self.timeout = timeout
         self.creds = creds
-        self.channel = grpc.aio.insecure_channel(self.target)
+        self.channel = open_channel(self.target, tls, tls_ca)
         self.nodes = node_pb2_grpc.NodeServiceStub(self.channel)
         self.relay = relay_pb2_grpc.RelayServiceStub(self.channel)
         self.discovery = discovery_pb2_grpc.DiscoveryServiceStub(self.channel)

@@ -23,6 +23,7 @@ from tenacity import AsyncRetrying, retry_if_exception_type, wait_random_exponen
 
 from homenet import __version__
 from homenet.control.auth import call_metadata
+from homenet.control.client import open_channel
 from homenet.control.discovery import answer_to_pb, query_from_pb
 from homenet.control.errors import QUERY_STATUS
 from homenet.control.v1 import relay_pb2, relay_pb2_grpc
@@ -66,6 +67,7 @@ class RLOptions:
     backoff_max: float = 1.5
     dial_timeout: float = 5.0
     creds: Credentials | None = None
+    tls_ca: str | None = None
 
 
 class StateFile:
@@ -162,8 +164,11 @@ class RLClient:
         listen_id = self.opts.listen_id or saved_id
         if self.opts.listen_id and saved_id != self.opts.listen_id:
             secret = ""
-        channel = grpc.aio.insecure_channel(
+        direct_tls = self.opts.route.tls and not self.opts.route.hops
+        channel = open_channel(
             target,
+            direct_tls,
+            self.opts.tls_ca,
             options=[
                 ("grpc.keepalive_time_ms", 10_000),
                 ("grpc.keepalive_timeout_ms", 5_000),

@@ -8,13 +8,16 @@ from __future__ import annotations
 
 import asyncio
 import ipaddress
+import os
 import socket
+import ssl
 from dataclasses import dataclass
 
 from homenet.node.address import Endpoint, Route
 from homenet.node.auth import Credentials
 from homenet.node.dialer import connect
 from homenet.node.preamble import NEED_DATA, Code, ProtocolError, Reply, ReplyParser, Verb, encode_request
+from homenet.node.tls import TLSError, client_context, connect_tls
 
 
 class RouteFailed(Exception):
@@ -37,8 +40,18 @@ class Opened:
     parser: ReplyParser | None = None
 
 
-async def dial_endpoint(ep: Endpoint, timeout: float) -> socket.socket:
-    """Connect to a node's endpoint (any address it resolves to)."""
+async def dial_endpoint(ep: Endpoint, timeout: float, tls: ssl.SSLContext | None = None) -> socket.socket:
+    """Connect to a node's endpoint (any address it resolves to), over TLS if ``tls`` is given."""
+    sock = await _dial(ep, timeout)
+    if tls is None:
+        return sock
+    try:
+        return await connect_tls(sock, tls, ep.host, timeout)
+    except TLSError as exc:
+        raise RouteFailed(f"{ep}: {exc}") from None
+
+
+async def _dial(ep: Endpoint, timeout: float) -> socket.socket:
     loop = asyncio.get_running_loop()
     try:
         addrs = [ipaddress.ip_address(ep.host)]
@@ -86,16 +99,24 @@ async def open_route(
     final: bytes | None = None,
     wait_final: bool = True,
     creds: Credentials | None = None,
+    tls: ssl.SSLContext | None = None,
 ) -> Opened:
     """Connect through every hop of ``route``; ``first`` is sent along with the requests.
 
     ``final`` is one more request line for the last node (a listener's TICKET or POOL); its
     reply is awaited too unless ``wait_final`` is False (the caller reads it later).
+    An ``hns://`` route speaks TLS to its first node (``tls``, else the system store or
+    ``$HOMENET_TLS_CA``).
     """
     if not route.hops and final is None:
         raise RouteFailed(f"{route} names no target: add a hop, e.g. {route}/127.0.0.1:22")
     loop = asyncio.get_running_loop()
-    sock = await dial_endpoint(route.entry, timeout)
+    if route.tls and tls is None:
+        try:
+            tls = client_context(os.environ.get("HOMENET_TLS_CA") or None)
+        except TLSError as exc:
+            raise RouteFailed(str(exc)) from None
+    sock = await dial_endpoint(route.entry, timeout, tls if route.tls else None)
     parser = ReplyParser()
     last: Reply | None = None
     try:

@@ -7,6 +7,7 @@ import asyncio
 import logging
 import os
 import socket
+import ssl
 import sys
 import threading
 from typing import BinaryIO
@@ -26,10 +27,11 @@ class Forwarder:
 
     def __init__(
         self, route: Route, bind: str = "127.0.0.1", port: int = 0, timeout: float = 10.0,
-        creds: Credentials | None = None,
+        creds: Credentials | None = None, tls: ssl.SSLContext | None = None,
     ) -> None:  # fmt: skip
         self.route = route
         self.creds = creds
+        self.tls = tls
         self.bind = bind
         self.port = port
         self.timeout = timeout
@@ -74,7 +76,7 @@ class Forwarder:
     async def _serve(self, sock: socket.socket) -> None:
         loop = asyncio.get_running_loop()
         try:
-            opened = await open_route(self.route, timeout=self.timeout, creds=self.creds)
+            opened = await open_route(self.route, timeout=self.timeout, creds=self.creds, tls=self.tls)
         except RouteFailed as exc:
             log.warning("listen.route_failed", extra=fields(route=str(self.route), error=str(exc)))
             sock.close()
@@ -105,7 +107,12 @@ class Forwarder:
 
 
 async def stdio_session(
-    route: Route, data: bytes | None, timeout: float, out: BinaryIO | None = None, creds: Credentials | None = None
+    route: Route,
+    data: bytes | None,
+    timeout: float,
+    out: BinaryIO | None = None,
+    creds: Credentials | None = None,
+    tls: ssl.SSLContext | None = None,
 ) -> None:
     """netcat over a route: ``data`` (or stdin) to the target, the target to stdout.
 
@@ -114,7 +121,7 @@ async def stdio_session(
     """
     loop = asyncio.get_running_loop()
     out = out or sys.stdout.buffer
-    opened = await open_route(route, first=data or b"", timeout=timeout, creds=creds)
+    opened = await open_route(route, first=data or b"", timeout=timeout, creds=creds, tls=tls)
     sock = opened.sock
     try:
         if opened.early:

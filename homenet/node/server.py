@@ -39,6 +39,7 @@ from homenet.node.preamble import (
 )
 from homenet.node.settings import Settings
 from homenet.node.splice import CarrierPool, Splice, is_disconnect
+from homenet.node.tls import ALPN_GRPC, TLSError, accept_tls, server_context
 
 log = logging.getLogger("homenet.node")
 
@@ -74,6 +75,8 @@ class Handshake:
     trailing: bytes = b""
     #: Admission unit (IPv4 address or IPv6 /64) when admitted by the source limiter.
     source: str | None = None
+    #: ALPN protocol the client chose, when the connection came over TLS.
+    alpn: str = ""
 
 
 @dataclass(slots=True)
@@ -137,6 +140,11 @@ class Node:
         self.control_endpoint = control_endpoint
         self.policy = TargetPolicy.from_specs(settings.allow)
         self.dialer = dialer or Dialer(self.policy, timeout=settings.dial_timeout)
+        self.tls = (
+            server_context(settings.tls_cert, settings.tls_key, settings.tls_client_ca)
+            if settings.tls_cert and settings.tls_key
+            else None
+        )
         self.keys = KeyStore(settings.keys_path)
         self.verifier = Verifier(self.keys)
         self.limiter = SourceLimiter(
@@ -307,12 +315,16 @@ class Node:
         spliced = False
         try:
             async with asyncio.timeout(self.settings.handshake_timeout):
+                if self.tls is not None and hs.source is not None:
+                    await self._start_tls(hs)
                 buf = hs.buf
                 while (plane := detect_plane(buf)) is None:
                     chunk = await loop.sock_recv(hs.sock, _RECV)
                     if not chunk:
                         return
                     buf += chunk
+                if hs.alpn and (plane is Plane.GRPC) != (hs.alpn == ALPN_GRPC):
+                    raise ProtocolError(Code.BAD_REQUEST, f"ALPN {hs.alpn} does not match what was sent")
                 if plane is Plane.GRPC:
                     spliced = await self._to_control(hs, buf)
                     return
@@ -331,6 +343,9 @@ class Node:
             self._refuse(hs, exc.code, exc.reason)
         except TimeoutError:
             self._refuse(hs, Code.TIMEOUT, f"no complete preamble within {self.settings.handshake_timeout:g}s")
+        except TLSError as exc:
+            self.counters.refused += 1
+            log.info("session.refused", extra=fields(peer=hs.peer, reason=str(exc)))
         except OSError as exc:
             log.debug("handshake.io_error", extra=fields(peer=hs.peer, error=str(exc)))
         finally:
@@ -338,6 +353,24 @@ class Node:
                 self.limiter.release(hs.source)
             if not spliced:
                 hs.sock.close()
+
+    async def _start_tls(self, hs: Handshake) -> None:
+        """Terminate TLS (a plaintext client gets one clear line); hs.sock becomes the plain side."""
+        assert self.tls is not None
+        loop = asyncio.get_running_loop()
+        ready = loop.create_future()
+        loop.add_reader(hs.sock.fileno(), ready.set_result, None)
+        try:
+            await ready
+        finally:
+            loop.remove_reader(hs.sock.fileno())
+        first = hs.sock.recv(1, socket.MSG_PEEK)
+        if first != b"\x16":  # not a TLS handshake record
+            if not first:
+                raise ConnectionResetError("closed before TLS")
+            raise ProtocolError(Code.BAD_REQUEST, "this node speaks TLS only: use hns:// (or a TLS client)")
+        raw = hs.sock
+        hs.sock, hs.alpn = await accept_tls(raw, self.tls, self.settings.handshake_timeout)
 
     def _refuse(self, hs: Handshake, code: Code, reason: str) -> None:
         self.counters.refused += 1
