@@ -45,7 +45,8 @@ class NodeProc:
                 if line.startswith(prefix):
                     return line
                 if line == "":
-                    raise AssertionError(f"process exited before {prefix!r}; stderr:\n{self.stderr()}")
+                    code = await self.proc.wait()
+                    raise AssertionError(f"process exited ({code}) before {prefix!r}; stderr:\n{self.stderr()}")
 
     def stderr(self) -> str:
         try:

@@ -16,10 +16,13 @@ EXIT_USAGE = 2  # bad arguments or configuration
 EXIT_INTERRUPTED = 130
 
 
+#: The command being run ("homenet" or "hnctl"), for error lines; set by each entry point.
+PROG = ["homenet"]
+
+
 def fail(message: str, code: int = EXIT_FAILED) -> NoReturn:
     """Print ``<prog>: error: <message>`` on one line to stderr and exit."""
-    prog = sys.argv[0].rsplit("/", 1)[-1] or "homenet"
-    print(f"{prog}: error: {message}", file=sys.stderr)
+    print(f"{PROG[0]}: error: {message}", file=sys.stderr)
     raise SystemExit(code)
 
 

@@ -10,11 +10,12 @@ import sys
 import time
 from typing import Any
 
+from google.protobuf.descriptor import FieldDescriptor
 from google.protobuf.json_format import MessageToDict
 from google.protobuf.message import Message
 
 from homenet import __version__
-from homenet.cli.common import EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE, fail, quiet_broken_pipe, run
+from homenet.cli.common import EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE, PROG, fail, quiet_broken_pipe, run
 from homenet.control.client import ControlClient, ControlError
 from homenet.control.v1 import discovery_pb2
 from homenet.node.address import DEFAULT_PORT, AddressError, ListenId, parse_endpoint, parse_url
@@ -60,8 +61,29 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
+_INT64 = {FieldDescriptor.TYPE_INT64, FieldDescriptor.TYPE_UINT64, FieldDescriptor.TYPE_FIXED64,
+          FieldDescriptor.TYPE_SFIXED64, FieldDescriptor.TYPE_SINT64}  # fmt: skip
+
+
 def _to_dict(msg: Message) -> dict[str, Any]:
-    return MessageToDict(msg, preserving_proto_field_name=True, always_print_fields_with_no_presence=True)
+    """JSON-ready dict; 64-bit counters as numbers (protobuf's JSON mapping makes them strings)."""
+    out = MessageToDict(msg, preserving_proto_field_name=True, always_print_fields_with_no_presence=True)
+    return _numbers(msg, out)
+
+
+def _numbers(msg: Message, out: dict[str, Any]) -> dict[str, Any]:
+    for f in msg.DESCRIPTOR.fields:
+        if f.name not in out:
+            continue
+        value = getattr(msg, f.name)
+        if f.type in _INT64:
+            out[f.name] = list(value) if f.is_repeated else int(value)
+        elif f.message_type is not None and not f.message_type.GetOptions().map_entry:
+            if f.is_repeated:
+                out[f.name] = [_numbers(m, d) for m, d in zip(value, out[f.name], strict=True)]
+            else:
+                out[f.name] = _numbers(value, out[f.name])
+    return out
 
 
 def _bytes(n: int) -> str:
@@ -176,6 +198,7 @@ async def _kick(client: ControlClient, listen_id: str) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``hnctl`` command."""
+    PROG[0] = "hnctl"
     args = _parser().parse_args(argv)
     node, path, tls = args.node, [], args.tls
     try:

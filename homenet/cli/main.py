@@ -15,6 +15,7 @@ from homenet.cli.common import (
     EXIT_INTERRUPTED,
     EXIT_OK,
     EXIT_USAGE,
+    PROG,
     fail,
     quiet_broken_pipe,
     raise_nofile,
@@ -347,6 +348,7 @@ _COMMANDS = {
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``homenet`` command."""
+    PROG[0] = "homenet"
     args = _parser().parse_args(argv)
     handler = {
         "node": _cmd_node,

@@ -142,7 +142,10 @@ async def run_node(
         await control.not_serving()
         node.stop_accepting()
         await _cancel(tasks)
-        await asyncio.gather(node.drain(settings.drain_grace), control.stop(settings.drain_grace))
+        await relay.close()  # listeners hear it now and go to another relay
+        # unary calls in flight get a short grace; long streams (health watches) must not hold
+        # an idle node for the whole drain period
+        await asyncio.gather(node.drain(settings.drain_grace), control.stop(min(1.0, settings.drain_grace)))
     finally:
         await _cancel(tasks)
         if advertiser is not None:

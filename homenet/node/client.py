@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 from homenet.node.address import Endpoint, Route
 from homenet.node.auth import Credentials
-from homenet.node.dialer import connect
+from homenet.node.dialer import connect, describe_os_error
 from homenet.node.preamble import NEED_DATA, Code, ProtocolError, Reply, ReplyParser, Verb, encode_request
 from homenet.node.tls import TLSError, client_context, connect_tls
 
@@ -68,8 +68,8 @@ async def _dial(ep: Endpoint, timeout: float) -> socket.socket:
             return await connect(addr, ep.port, timeout)
         except (OSError, TimeoutError) as exc:
             last = exc
-    why = "timed out" if isinstance(last, TimeoutError) else getattr(last, "strerror", None) or str(last)
-    raise RouteFailed(f"cannot reach node {ep}: {str(why).lower()}")
+    why = "timed out" if isinstance(last, TimeoutError) else describe_os_error(last)
+    raise RouteFailed(f"cannot reach node {ep}: {why}")
 
 
 def route_requests(route: Route, creds: Credentials | None = None) -> bytes:

@@ -84,11 +84,13 @@ class Dialer:
         try:
             addrs = [ipaddress.ip_address(target.host)]
         except ValueError:
+            if not self.policy.allow:  # nothing could pass: refuse without asking DNS
+                raise DialError(Code.FORBIDDEN, f"{target} is not allowed here (the node allows no targets)") from None
             try:
                 async with asyncio.timeout(self.timeout):
                     addrs = await self.resolve(target.host, target.port)
             except (OSError, TimeoutError) as exc:
-                raise DialError(Code.UNRESOLVABLE, f"cannot resolve {target.host}: {_why(exc)}") from None
+                raise DialError(Code.UNRESOLVABLE, f"cannot resolve {target.host}: {describe_os_error(exc)}") from None
         if not addrs:
             raise DialError(Code.UNRESOLVABLE, f"cannot resolve {target.host}: no address")
         allowed: list[IPAddress] = []
@@ -112,10 +114,11 @@ class Dialer:
                 last = exc
         if isinstance(last, TimeoutError):
             raise DialError(Code.GATEWAY_TIMEOUT, f"{target} did not answer within {self.timeout:g}s")
-        raise DialError(Code.BAD_GATEWAY, f"{target}: {_why(last)}")
+        raise DialError(Code.BAD_GATEWAY, f"{target}: {describe_os_error(last)}")
 
 
-def _why(exc: BaseException | None) -> str:
+def describe_os_error(exc: BaseException | None) -> str:
+    """A short lower-case reason for a failed connect ("connection refused")."""
     if isinstance(exc, ConnectionRefusedError):
         return "connection refused"
     if isinstance(exc, OSError) and exc.strerror:

@@ -21,6 +21,7 @@ import os
 import re
 import socket
 import time
+import unicodedata
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -126,7 +127,9 @@ def instance_of(full_name: str, type_: str) -> str:
 
 
 def _slug(text: str, limit: int) -> str:
-    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")[:limit].strip("-")
+    """``Ünïcødé NAS`` -> ``unicode-nas``: accents dropped, anything else becomes a dash."""
+    ascii_text = unicodedata.normalize("NFKD", text).encode("ascii", "ignore").decode("ascii")
+    return re.sub(r"[^a-z0-9]+", "-", ascii_text.lower()).strip("-")[:limit].strip("-")
 
 
 class ListenIdBook:
@@ -244,7 +247,12 @@ class Discovery:
             return
         task = asyncio.get_running_loop().create_task(self._resolve(service_type, name))
         self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        task.add_done_callback(self._resolved)
+
+    def _resolved(self, task: asyncio.Task[None]) -> None:
+        self._tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.warning("discovery.resolve_crashed", exc_info=task.exception())
 
     async def _resolve(self, type_: str, name: str) -> None:
         assert self.azc is not None
@@ -254,8 +262,8 @@ class Discovery:
         if not instance or (type_ == HOMENET_TYPE and instance == self.own_name):
             return
         async with self._resolving:
-            info = AsyncServiceInfo(type_, name)
-            try:
+            try:  # zeroconf refuses some names legal on the wire (control chars, > 63 bytes)
+                info = AsyncServiceInfo(type_, name)
                 ok = await info.async_request(self.azc.zeroconf, RESOLVE_TIMEOUT_MS)
             except Exception as exc:  # malformed records must not hurt the node
                 log.debug("discovery.resolve_failed", extra=fields(name=name[:80], error=str(exc)))

@@ -19,7 +19,12 @@ MAX_TRACKED = 65536
 
 
 def source_of(host: str) -> str:
-    """The admission unit of a peer address: the IPv4 address or the IPv6 /64."""
+    """The admission unit of a peer address (``host`` or ``host:port``): the IPv4 address or
+    the IPv6 /64."""
+    if host.startswith("["):
+        host = host[1:].split("]", 1)[0]
+    elif host.count(":") == 1:
+        host = host.split(":", 1)[0]
     try:
         addr = ipaddress.ip_address(host.split("%", 1)[0])
     except ValueError:
@@ -60,6 +65,9 @@ class SourceLimiter:
         self.max_penalty = max_penalty
         self.clock = clock
         self.pending: dict[str, int] = {}
+        #: Connections this node asked a source to make (a listener's dial-backs and pool):
+        #: they raise that source's cap, so a burst of waiting clients is not refused.
+        self.expected: dict[str, int] = {}
         self.total = 0
         self._records: OrderedDict[str, _Record] = OrderedDict()
 
@@ -70,11 +78,21 @@ class SourceLimiter:
             return "source blocked after repeated failed authentication"
         if self.total >= self.max_total:
             return "too many connections in handshake"
-        if self.pending.get(source, 0) >= self.max_per_source:
+        if self.pending.get(source, 0) >= self.max_per_source + self.expected.get(source, 0):
             return "too many connections in handshake from this source"
         self.pending[source] = self.pending.get(source, 0) + 1
         self.total += 1
         return None
+
+    def expect(self, source: str) -> None:
+        self.expected[source] = self.expected.get(source, 0) + 1
+
+    def unexpect(self, source: str) -> None:
+        n = self.expected.get(source, 0) - 1
+        if n <= 0:
+            self.expected.pop(source, None)
+        else:
+            self.expected[source] = n
 
     def release(self, source: str) -> None:
         n = self.pending.get(source, 0) - 1

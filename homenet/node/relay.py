@@ -18,6 +18,7 @@ from dataclasses import dataclass
 
 from homenet.node.address import MAX_HOPS, ListenId
 from homenet.node.keys import Key
+from homenet.node.limits import source_of
 from homenet.node.listeners import (
     Incoming,
     Listener,
@@ -77,10 +78,11 @@ class Registration:
 
 @dataclass(frozen=True, slots=True)
 class _DialWaiter:
-    """A client waiting for its listener to dial back."""
+    """A client waiting for its listener to dial back (from ``source``)."""
 
     session: ListenerSession
     fut: asyncio.Future[socket.socket]
+    source: str
 
 
 def _waiter(owner: object) -> _DialWaiter:
@@ -184,6 +186,7 @@ class Relay:
         except TicketError:
             return
         waiter = _waiter(entry.owner)
+        self.node.limiter.unexpect(waiter.source)
         if waiter.session is session and not waiter.fut.done():
             waiter.fut.set_exception(RouteError(Code.BAD_GATEWAY, f"listener could not dial back: {reason[:200]}"))
 
@@ -221,6 +224,15 @@ class Relay:
         else:
             pending[1].set_result(answer)
 
+    def _ticket_died(self, owner: object) -> None:
+        """A ticket was revoked with its listener's session: a waiting client hears it now."""
+        if isinstance(owner, _DialWaiter):
+            self.node.limiter.unexpect(owner.source)
+            if not owner.fut.done():
+                owner.fut.set_exception(RouteError(Code.UNAVAILABLE, "listener went offline before dialing back"))
+        elif isinstance(owner, Listener):
+            self.node.limiter.unexpect(source_of(owner.peer))
+
     def _fail_queries(self, session: ListenerSession) -> None:
         for s, fut in list(self._queries.values()):
             if s is session and not fut.done():
@@ -228,8 +240,12 @@ class Relay:
 
     def _offline(self, lst: Listener) -> None:
         if lst.session is not None:
-            self.tickets.revoke_owner(lst.session)
-            self._fail_queries(lst.session)
+            session = lst.session
+            self.tickets.revoke(
+                lambda owner: owner is lst or (isinstance(owner, _DialWaiter) and owner.session is session),
+                on_revoke=self._ticket_died,
+            )
+            self._fail_queries(session)
             lst.session.close(lst.session.close_reason or "offline")
         self._drop_pool(lst)
         lst.grants_out = 0
@@ -274,7 +290,11 @@ class Relay:
     async def _dial_back(self, lst: Listener, session: ListenerSession, client: str) -> socket.socket:
         fut: asyncio.Future[socket.socket] = asyncio.get_running_loop().create_future()
         ttl = self.settings.dialback_timeout
-        ticket = self.tickets.issue("dial", _DialWaiter(session, fut), ttl)
+        source = source_of(session.peer)
+        self.node.limiter.expect(source)
+        ticket = self.tickets.issue(
+            "dial", _DialWaiter(session, fut, source), ttl, on_expire=lambda: self.node.limiter.unexpect(source)
+        )
         session.send(Incoming(ticket, client, ttl))
         try:
             async with asyncio.timeout(ttl):
@@ -297,6 +317,8 @@ class Relay:
         except TicketError as exc:
             raise RouteError(Code.UNAUTHORIZED, str(exc)) from None
         waiter = _waiter(entry.owner)
+        self.node.limiter.unexpect(waiter.source)
+        self.node.release_admission(hs)
         if hs.trailing:
             raise RouteError(Code.BAD_REQUEST, "unexpected bytes after TICKET")
         if waiter.fut.done() or waiter.session.closed:
@@ -313,6 +335,8 @@ class Relay:
             raise RouteError(Code.UNAUTHORIZED, str(exc)) from None
         lst = entry.owner
         assert isinstance(lst, Listener)
+        self.node.limiter.unexpect(source_of(lst.peer))
+        self.node.release_admission(hs)
         if hs.trailing:
             raise RouteError(Code.BAD_REQUEST, "unexpected bytes after POOL")
         lst.grants_out = max(0, lst.grants_out - 1)
@@ -371,7 +395,9 @@ class Relay:
 
             def expired(lst: Listener = lst) -> None:
                 lst.grants_out = max(0, lst.grants_out - 1)
+                self.node.limiter.unexpect(source_of(lst.peer))
 
+            self.node.limiter.expect(source_of(lst.peer))
             session.send(PoolGrant(self.tickets.issue("pool", lst, ttl, on_expire=expired), ttl))
 
     # -- housekeeping ------------------------------------------------------------------------

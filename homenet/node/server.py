@@ -45,6 +45,8 @@ log = logging.getLogger("homenet.node")
 
 _RECV = 65536
 _ACCEPT_BURST = 128
+#: Seconds to stop accepting after the process ran out of descriptors (or memory).
+_ACCEPT_PAUSE = 0.5
 
 #: Resolves a listenId hop to a connected target (Remote Listen plugs in here).
 ListenerRoute = Callable[["Handshake", ListenId], Awaitable["Target"]]
@@ -166,6 +168,7 @@ class Node:
         self._ids = itertools.count(1)
         self._lsock: socket.socket | None = None
         self._address: Endpoint | None = None
+        self._accept_paused = False
         self._handshakes: set[asyncio.Task[None]] = set()
         self._control: set[Splice] = set()
         self._control_peers: dict[int, str] = {}
@@ -220,7 +223,8 @@ class Node:
     def stop_accepting(self) -> None:
         """Close the listening socket; handshakes in progress still finish."""
         if self._lsock is not None and self._loop is not None:
-            self._loop.remove_reader(self._lsock.fileno())
+            if not self._accept_paused:
+                self._loop.remove_reader(self._lsock.fileno())
             self._lsock.close()
             self._lsock = None
         self.state = "draining"
@@ -279,12 +283,16 @@ class Node:
         assert self._lsock is not None
         assert self._loop is not None
         for _ in range(_ACCEPT_BURST):
+            if self.limiter.total >= self.limiter.max_total:
+                self._pause_accepting(None)  # the kernel backlog holds the rest until we catch up
+                return
             try:
                 sock, addr = self._lsock.accept()
             except (BlockingIOError, InterruptedError):
                 return
-            except OSError as exc:  # EMFILE and friends: keep serving what we have
-                log.warning("node.accept_failed", extra=fields(error=str(exc)))
+            except OSError as exc:  # EMFILE and friends: pause instead of spinning on a readable socket
+                log.warning("node.accept_paused", extra=fields(error=str(exc), seconds=_ACCEPT_PAUSE))
+                self._pause_accepting(_ACCEPT_PAUSE)
                 return
             source = source_of(str(addr[0]))
             why = self.limiter.admit(source)
@@ -296,6 +304,20 @@ class Node:
                 continue
             tune(sock)
             self.serve_accepted(sock, _peer_str(addr), source=source)
+
+    def _pause_accepting(self, seconds: float | None) -> None:
+        """Stop watching the listening socket: for ``seconds``, or (None) until a handshake ends."""
+        if self._lsock is None or self._loop is None or self._accept_paused:
+            return
+        self._accept_paused = True
+        self._loop.remove_reader(self._lsock.fileno())
+        if seconds is not None:
+            self._loop.call_later(seconds, self._resume_accepting)
+
+    def _resume_accepting(self) -> None:
+        if self._accept_paused and self._lsock is not None and self._loop is not None:
+            self._accept_paused = False
+            self._loop.add_reader(self._lsock.fileno(), self._on_accept)
 
     def serve_accepted(
         self, sock: socket.socket, peer: str, buf: bytes = b"", depth: int = 0, source: str | None = None
@@ -351,6 +373,8 @@ class Node:
         finally:
             if hs.source is not None:
                 self.limiter.release(hs.source)
+                if self._accept_paused and self.limiter.total < self.limiter.max_total:
+                    self._resume_accepting()
             if not spliced:
                 hs.sock.close()
 
@@ -409,6 +433,15 @@ class Node:
                 raise RouteError(exc.code, exc.reason) from None
             target = Target(d.sock, str(d))
         return await self.splice_session(hs, target, req.arg)
+
+    def release_admission(self, hs: Handshake) -> None:
+        """A connection proved it is a listener's own (a good ticket): it no longer counts
+        against its source's handshake cap (a burst of dial-backs is not an attack)."""
+        if hs.source is not None:
+            self.limiter.release(hs.source)
+            hs.source = None
+            if self._accept_paused and self.limiter.total < self.limiter.max_total:
+                self._resume_accepting()
 
     def authorize(self, hs: Handshake, role: str) -> Key:
         """The key that signed this request, if it holds ``role``; else an error reply.

@@ -58,6 +58,7 @@ class TicketBook(Generic[T]):
         self._clock = clock
         self._live: dict[bytes, Ticket[T]] = {}
         self._used: dict[bytes, float] = {}  # digest -> when it would have expired
+        self._dead: dict[bytes, tuple[str, float]] = {}  # digest -> (why it is unusable, since)
         self._max = max_tickets
 
     def __len__(self) -> int:
@@ -77,33 +78,51 @@ class TicketBook(Generic[T]):
         now = self._clock()
         entry = self._live.pop(key, None)
         if entry is None:
+            dead = self._dead.get(key)
+            if dead is not None:
+                raise (TicketExpired if "expired" in dead[0] else TicketUnknown)(dead[0])
             if key in self._used:
                 raise TicketReused("ticket already used")
             raise TicketUnknown("unknown ticket")
         self._remember_used(key, entry.expires)
         if entry.expires < now:
+            if entry.on_expire is not None:
+                entry.on_expire()
             raise TicketExpired("ticket expired")
         if entry.kind != kind:
             raise TicketWrongKind(f"ticket is for {entry.kind}, not {kind}")
         return entry
+
+    def _trim(self) -> None:
+        while len(self._dead) > self._max:
+            self._dead.pop(next(iter(self._dead)))
 
     def _remember_used(self, key: bytes, expires: float) -> None:
         while len(self._used) >= self._max:
             self._used.pop(next(iter(self._used)))
         self._used[key] = expires
 
-    def revoke_owner(self, owner: T) -> None:
-        """Forget every ticket of ``owner`` (its session ended)."""
-        for key in [k for k, t in self._live.items() if t.owner is owner]:
-            self._remember_used(key, self._live.pop(key).expires)
+    def revoke(self, match: Callable[[T], bool], on_revoke: Callable[[T], None] | None = None) -> int:
+        """Kill every live ticket whose owner ``match`` accepts (its session ended)."""
+        dead = [k for k, t in self._live.items() if match(t.owner)]
+        for key in dead:
+            entry = self._live.pop(key)
+            self._dead[key] = ("ticket revoked: its listener went offline", self._clock())
+            self._trim()
+            if on_revoke is not None:
+                on_revoke(entry.owner)
+        return len(dead)
 
     def sweep(self) -> None:
         """Drop expired tickets (running their ``on_expire``) and old used-ticket records."""
         now = self._clock()
         for key in [k for k, t in self._live.items() if t.expires < now]:
             entry = self._live.pop(key)
-            self._remember_used(key, entry.expires)
+            self._dead[key] = ("ticket expired", now)
+            self._trim()
             if entry.on_expire is not None:
                 entry.on_expire()
         for key in [k for k, exp in self._used.items() if exp + 60 < now]:
             del self._used[key]
+        for key in [k for k, (_, since) in self._dead.items() if since + 60 < now]:
+            del self._dead[key]

@@ -1,7 +1,7 @@
 """Integration-test support: raw data-plane clients, target servers, CLI runs, gRPC channels.
 
-Everything here talks only to 127.0.0.0/8. Nothing imports the product's protocol code: the
-tests check the wire bytes on their own, so a parser bug cannot hide itself.
+Everything here talks only to 127.0.0.0/8 and [::1]. The wire bytes are checked with this
+module's own parser, never the product's, so a product parser bug cannot hide itself.
 """
 
 from __future__ import annotations
@@ -20,8 +20,12 @@ from pathlib import Path
 
 import grpc
 
+from homenet.control.auth import call_metadata
 from homenet.control.v1 import node_pb2, node_pb2_grpc
-from tests.helpers import NodeProc, spawn
+from homenet.node.auth import Credentials
+from homenet.node.keys import client_key
+from tests.conftest import StartNode
+from tests.helpers import NodeProc, proc_env, spawn
 
 #: Upper bound of any single wait in these tests (the node answers in milliseconds).
 TIMEOUT = 10.0
@@ -88,11 +92,17 @@ class Conn:
             await self.writer.wait_closed()
 
 
-async def dial(host: str, port: int) -> Conn:
-    """Open a TCP connection to ``host:port`` (127.0.0.0/8 only)."""
-    assert host.startswith("127.") or host == "::1", host
+def _loopback(host: str) -> str:
+    host = host.strip("[]")
+    assert host.startswith("127.") or host == "::1", f"tests talk to loopback only, not {host}"
+    return host
+
+
+async def dial(host: str, port: int, source: str | None = None) -> Conn:
+    """Open a TCP connection to ``host:port`` (127.0.0.0/8 or [::1] only), from ``source`` if given."""
+    local = (_loopback(source), 0) if source is not None else None
     async with asyncio.timeout(TIMEOUT):
-        reader, writer = await asyncio.open_connection(host, port, limit=1 << 20)
+        reader, writer = await asyncio.open_connection(_loopback(host), port, limit=1 << 20, local_addr=local)
     return Conn(reader, writer)
 
 
@@ -129,6 +139,21 @@ async def refused_reply(node: NodeProc, payload: bytes) -> tuple[Reply, bytes]:
         reply = await conn.reply()
         rest = await conn.until_eof()
     return reply, rest
+
+
+CHAIN = ("127.0.0.1", "127.0.0.2", "127.0.0.3")
+
+
+async def start_chain(start_node: StartNode) -> list[NodeProc]:
+    """Three nodes on three loopback addresses, each allowed to dial all of 127.0.0.0/8."""
+    # every start is awaited even if one fails, so the fixture knows (and stops) all of them
+    started = await asyncio.gather(
+        *(start_node("--allow", "127.0.0.0/8", bind=h) for h in CHAIN), return_exceptions=True
+    )
+    for result in started:
+        if isinstance(result, BaseException):
+            raise result
+    return [r for r in started if isinstance(r, NodeProc)]
 
 
 # -- targets -----------------------------------------------------------------------------------
@@ -192,6 +217,15 @@ def closed_port(host: str = "127.0.0.1") -> Iterator[int]:
         sock.close()
 
 
+def have_ipv6_loopback() -> bool:
+    try:
+        with socket.socket(socket.AF_INET6, socket.SOCK_STREAM) as s:
+            s.bind(("::1", 0))
+    except OSError:
+        return False
+    return True
+
+
 def free_port(host: str = "127.0.0.1") -> int:
     """A port that was free a moment ago (for configs that must name one)."""
     with closed_port(host) as port:
@@ -199,16 +233,6 @@ def free_port(host: str = "127.0.0.1") -> int:
 
 
 # -- waiting -----------------------------------------------------------------------------------
-async def wait_until(what: str, check: Callable[[], bool], timeout: float = TIMEOUT) -> None:
-    """Poll ``check`` until true (for state that has no event to await); fail after ``timeout``."""
-    loop = asyncio.get_running_loop()
-    end = loop.time() + timeout
-    while not check():
-        if loop.time() > end:
-            raise AssertionError(f"timed out after {timeout:g}s waiting for {what}")
-        await asyncio.sleep(0.02)
-
-
 async def stays(what: str, check: Callable[[], bool], duration: float = 0.5) -> None:
     """Poll ``check`` for ``duration`` seconds; fail the first time it is false."""
     loop = asyncio.get_running_loop()
@@ -241,12 +265,25 @@ def cli_env(**extra: str) -> dict[str, str]:
     return env
 
 
-async def run_cli(module: str, *args: str, stdin: bytes | None = None, timeout: float = 30.0) -> CliResult:
+async def run_cli(
+    module: str, *args: str, stdin: bytes | None = None, timeout: float = 30.0, env: dict[str, str] | None = None
+) -> CliResult:
     """Run ``python -m MODULE ARGS`` to completion; kill it if it outlives ``timeout``."""
+    return await run_program(sys.executable, "-m", module, *args, stdin=stdin, timeout=timeout, env=env)
+
+
+async def run_program(
+    program: str, *args: str, stdin: bytes | None = None, timeout: float = 30.0, env: dict[str, str] | None = None
+) -> CliResult:
+    """Run ``PROGRAM ARGS`` to completion; kill it if it outlives ``timeout``.
+
+    ``env`` defaults to :func:`cli_env`; pass ``tests.helpers.proc_env(tmp_path)`` to share the
+    state directory (and so the admin key) of the test's nodes.
+    """
     proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", module, *args,
+        program, *args,
         stdin=asyncio.subprocess.PIPE if stdin is not None else asyncio.subprocess.DEVNULL,
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE, env=cli_env(),
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE, env=env if env is not None else cli_env(),
     )  # fmt: skip
     try:
         async with asyncio.timeout(timeout):
@@ -260,12 +297,14 @@ async def run_cli(module: str, *args: str, stdin: bytes | None = None, timeout: 
     return CliResult(proc.returncode, out, err.decode(errors="replace"))
 
 
-async def homenet(*args: str, stdin: bytes | None = None, timeout: float = 30.0) -> CliResult:
-    return await run_cli("homenet", *args, stdin=stdin, timeout=timeout)
+async def homenet(
+    *args: str, stdin: bytes | None = None, timeout: float = 30.0, env: dict[str, str] | None = None
+) -> CliResult:
+    return await run_cli("homenet", *args, stdin=stdin, timeout=timeout, env=env)
 
 
-async def hnctl(*args: str, timeout: float = 30.0) -> CliResult:
-    return await run_cli("homenet.cli.hnctl", *args, timeout=timeout)
+async def hnctl(*args: str, timeout: float = 30.0, env: dict[str, str] | None = None) -> CliResult:
+    return await run_cli("homenet.cli.hnctl", *args, timeout=timeout, env=env)
 
 
 @contextlib.asynccontextmanager
@@ -276,6 +315,38 @@ async def running(args: list[str], tmp: Path, ready: str) -> AsyncIterator[NodeP
         yield proc
     finally:
         await proc.stop(signal.SIGTERM)
+
+
+_LIMITED = (
+    "import resource, runpy, sys; n = int(sys.argv.pop(1)); "
+    "resource.setrlimit(resource.RLIMIT_NOFILE, (n, n)); sys.argv[0] = 'homenet'; "
+    "runpy.run_module('homenet', run_name='__main__', alter_sys=True)"
+)
+
+
+@contextlib.asynccontextmanager
+async def limited_node(args: list[str], tmp: Path, nofile: int) -> AsyncIterator[NodeProc]:
+    """``homenet ARGS`` with at most ``nofile`` open files (soft and hard), up once READY."""
+    tmp.mkdir(parents=True, exist_ok=True)
+    err = tmp / "limited.stderr"
+    with err.open("wb") as fh:
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-c", _LIMITED, str(nofile), *args,
+            stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE, stderr=fh, env=proc_env(tmp),
+        )  # fmt: skip
+    node = NodeProc(proc, err)
+    node._reader = asyncio.get_running_loop().create_task(node._pump())
+    try:
+        node.url = (await node.next_line("READY ")).split()[1]
+        yield node
+    finally:
+        await node.stop(signal.SIGTERM)
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time a process used so far (Linux /proc)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 # -- control plane ---------------------------------------------------------------------------
@@ -289,9 +360,13 @@ async def channel(node: NodeProc) -> AsyncIterator[grpc.aio.Channel]:
         await ch.close(None)
 
 
-async def status(node: NodeProc) -> node_pb2.NodeStatus:
-    async with channel(node) as ch:
-        return await node_pb2_grpc.NodeServiceStub(ch).GetStatus(node_pb2.GetStatusRequest(), timeout=5.0)
+def admin_metadata(node: NodeProc, method: str) -> tuple[tuple[str, str], ...]:
+    """gRPC metadata signing one call of ``method`` with the admin key the test's nodes made
+    (zero-config first key, in the state directory tests.helpers.proc_env gives them)."""
+    keys = node.stderr_path.parent / "state" / "keys.toml"
+    found = client_key(key_file=str(keys), env={})
+    assert found is not None, f"no key in {keys}"
+    return call_metadata(Credentials(*found), method)
 
 
 async def wait_status(node: NodeProc, what: str, check: Callable[[node_pb2.NodeStatus], bool]) -> node_pb2.NodeStatus:

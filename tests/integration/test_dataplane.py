@@ -10,6 +10,7 @@ import pytest
 from tests.conftest import StartNode
 from tests.helpers import NodeProc, echo_server, pattern
 from tests.integration.support import (
+    CHAIN,
     OK_REPLY,
     HashServer,
     closed_port,
@@ -19,20 +20,24 @@ from tests.integration.support import (
     open_session,
     refused_reply,
     request,
+    start_chain,
     wait_status,
 )
-
-CHAIN = ("127.0.0.1", "127.0.0.2", "127.0.0.3")
-
-
-async def start_chain(start_node: StartNode) -> list[NodeProc]:
-    """Three nodes on three loopback addresses, each allowed to dial all of 127.0.0.0/8."""
-    return list(await asyncio.gather(*(start_node("--allow", "127.0.0.0/8", bind=h) for h in CHAIN)))
 
 
 def chain_hops(nodes: list[NodeProc], target: str) -> list[str]:
     """What the client asks each node for: the next node, and the last one the target."""
     return [n.endpoint for n in nodes[1:]] + [target]
+
+
+async def check_chain_counters(nodes: list[NodeProc], hops: list[str], data: bytes) -> None:
+    """Node i relays the requests meant for the nodes after it (up), their replies (down), and
+    the payload both ways; its own request and reply are not session bytes."""
+    for i, node in enumerate(nodes):
+        up = sum(len(request(h)) for h in hops[i + 1 :]) + len(data)
+        down = len(OK_REPLY) * (len(hops) - i - 1) + len(data)
+        st = await wait_status(node, "the session closed", lambda st: st.active_sessions == 0)
+        assert (st.total_sessions, st.bytes_up, st.bytes_down) == (1, up, down), (i, st)
 
 
 async def test_direct_target_byte_exact(start_node: StartNode) -> None:
@@ -52,51 +57,61 @@ async def test_direct_target_byte_exact(start_node: StartNode) -> None:
         assert echo.connections == 1
 
 
+async def test_crlf_request_line_is_accepted(start_node: StartNode) -> None:
+    node = await start_node("--allow", "127.0.0.1/32")
+    async with echo_server() as echo, connected(node.host, node.port) as conn:
+        await conn.send(f"HN/1 CONNECT {echo.endpoint}\r\n".encode() + b"\r\nbody\r\n")
+        await conn.shutdown_write()
+        assert await conn.until_eof() == OK_REPLY + b"\r\nbody\r\n"  # only the terminator is eaten
+
+
 async def test_chain_hop_by_hop(start_node: StartNode) -> None:
     nodes = await start_chain(start_node)
     assert [n.host for n in nodes] == list(CHAIN)
     data = pattern(1 << 20, seed=2)
     async with echo_server() as echo, connected(nodes[0].host, nodes[0].port) as conn:
-        for hop in chain_hops(nodes, echo.endpoint):
+        hops = chain_hops(nodes, echo.endpoint)
+        for hop in hops:
             await conn.send(request(hop))
-            assert (await conn.reply()).raw == OK_REPLY
+            assert (await conn.reply()).raw == OK_REPLY  # wait for each reply before the next request
         await conn.send(data)
         await conn.shutdown_write()
         assert await conn.until_eof() == data
         assert echo.connections == 1
-    for n in nodes:  # every node spliced exactly one session and saw every byte both ways
-        await wait_status(n, "the session closed", lambda st: st.total_sessions == 1 and st.active_sessions == 0)
+    await check_chain_counters(nodes, hops, data)
 
 
 async def test_chain_pipelined_in_one_write(start_node: StartNode) -> None:
     nodes = await start_chain(start_node)
     data = pattern(1 << 20, seed=3)
     async with echo_server() as echo, connected(nodes[0].host, nodes[0].port) as conn:
-        preamble = b"".join(request(h) for h in chain_hops(nodes, echo.endpoint))
-        await conn.send(preamble + data)  # one write: every request and the payload
+        hops = chain_hops(nodes, echo.endpoint)
+        await conn.send(b"".join(request(h) for h in hops) + data)  # one write: every request and the payload
         await conn.shutdown_write()
         stream = await conn.until_eof()
-    # three replies in order, then the target's bytes, nothing else in between
+        assert echo.connections == 1
+    # three replies, then the target's bytes, nothing else in between
     assert stream[: 3 * len(OK_REPLY)] == OK_REPLY * 3
     assert stream[3 * len(OK_REPLY) :] == data
+    await check_chain_counters(nodes, hops, data)
 
 
-@pytest.mark.parametrize("failing_hop", [0, 1, 2])
-async def test_chain_pipelined_replies_in_order(start_node: StartNode, failing_hop: int) -> None:
+async def test_chain_pipelined_replies_in_order(start_node: StartNode) -> None:
     """When hop N fails, the client reads N ``200``s, then that hop's error line, then EOF."""
     nodes = await start_chain(start_node)
     with closed_port() as dead:
         async with echo_server() as echo:
-            hops = chain_hops(nodes, echo.endpoint)
-            hops[failing_hop] = f"127.0.0.1:{dead}"
-            async with connected(nodes[0].host, nodes[0].port) as conn:
-                await conn.send(b"".join(request(h) for h in hops) + b"payload that never arrives")
-                for _ in range(failing_hop):
-                    assert (await conn.reply()).raw == OK_REPLY
-                err = await conn.reply()
-                assert (err.code, err.name) == (502, "bad-gateway"), err
-                assert f"127.0.0.1:{dead}" in err.reason
-                assert await conn.until_eof() == b""
+            for failing_hop in range(len(nodes)):
+                hops = chain_hops(nodes, echo.endpoint)
+                hops[failing_hop] = f"127.0.0.1:{dead}"
+                async with connected(nodes[0].host, nodes[0].port) as conn:
+                    await conn.send(b"".join(request(h) for h in hops) + b"payload that never arrives")
+                    for _ in range(failing_hop):
+                        assert (await conn.reply()).raw == OK_REPLY, failing_hop
+                    err = await conn.reply()
+                    assert (err.code, err.name) == (502, "bad-gateway"), (failing_hop, err)
+                    assert f"127.0.0.1:{dead}" in err.reason
+                    assert await conn.until_eof() == b""
             assert echo.connections == 0
 
 
@@ -149,46 +164,44 @@ GARBAGE = {
 }
 
 
-@pytest.mark.parametrize("payload", GARBAGE.values(), ids=GARBAGE.keys())
-async def test_garbage_gets_one_400_line_and_close(start_node: StartNode, payload: bytes) -> None:
+async def test_garbage_gets_one_400_line_and_close(start_node: StartNode) -> None:
     node = await start_node("--allow", "127.0.0.1/32")
     async with echo_server() as echo:
         live = await open_session(node, echo.endpoint)  # a session already open must not notice
         try:
-            for _ in range(3):
+            for what, payload in GARBAGE.items():
                 reply, rest = await refused_reply(node, payload)
-                assert reply.raw.startswith(b"HN/1 400 bad-request"), reply
+                assert reply.raw.startswith(b"HN/1 400 bad-request "), (what, reply)
                 assert reply.reason, "a refusal says why"
                 assert rest == b"", "exactly one line, then the node closes"
-            await live.send(b"still here")
-            assert await live.exactly(10) == b"still here"
-            # and new clients are still served
-            fresh = await open_session(node, echo.endpoint)
-            try:
-                await fresh.send(b"fresh")
-                assert await fresh.exactly(5) == b"fresh"
-            finally:
-                await fresh.close()
+                # the open session and new clients are still served
+                await live.send(what.encode())
+                assert await live.exactly(len(what)) == what.encode()
+                fresh = await open_session(node, echo.endpoint)
+                try:
+                    await fresh.send(b"fresh")
+                    assert await fresh.exactly(5) == b"fresh"
+                finally:
+                    await fresh.close()
         finally:
             await live.close()
-    st = await wait_status(node, "refusals counted", lambda st: st.refused_sessions >= 3)
-    assert st.refused_sessions == 3
+    n = len(GARBAGE)
+    await wait_status(node, "refusals counted", lambda st: st.refused_sessions == n and st.total_sessions == n + 1)
 
 
-@pytest.mark.parametrize(
-    ("payload", "code", "name"),
-    [
-        (b"HN/2 CONNECT 127.0.0.1:1\n", 505, "version-not-supported"),
-        (b"HN/1 CONNECT " + b"a" * 2048 + b"\n", 413, "too-large"),
-        (b"HN/1 CONNECT " + b"a" * 2048, 413, "too-large"),
-    ],
-    ids=["version", "long-line", "long-no-newline"],
-)
-async def test_bad_preamble_codes(start_node: StartNode, payload: bytes, code: int, name: str) -> None:
+BAD_PREAMBLES = {
+    "version": (b"HN/2 CONNECT 127.0.0.1:1\n", 505, "version-not-supported"),
+    "long-line": (b"HN/1 CONNECT " + b"a" * 2048 + b"\n", 413, "too-large"),
+    "long-no-newline": (b"HN/1 CONNECT " + b"a" * 2048, 413, "too-large"),
+}
+
+
+async def test_bad_preamble_codes(start_node: StartNode) -> None:
     node = await start_node("--allow", "127.0.0.1/32")
-    reply, rest = await refused_reply(node, payload)
-    assert (reply.code, reply.name) == (code, name), reply
-    assert rest == b""
+    for what, (payload, code, name) in BAD_PREAMBLES.items():
+        reply, rest = await refused_reply(node, payload)
+        assert (reply.code, reply.name) == (code, name), (what, reply)
+        assert rest == b""
 
 
 @pytest.mark.parametrize("sent", [b"", b"HN/1 CONN"], ids=["silent", "partial-preamble"])
@@ -215,3 +228,76 @@ async def test_handshake_deadline(start_node: StartNode, sent: bytes) -> None:
             assert await ok.exactly(5) == b"after"
         finally:
             await ok.close()
+
+
+async def test_target_half_closes_first(start_node: StartNode) -> None:
+    """The target says its piece and shuts its write side; the client can still send to it."""
+    node = await start_node("--allow", "127.0.0.1/32")
+    received: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
+
+    async def banner_then_listen(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            writer.write(b"banner")
+            writer.write_eof()
+            received.set_result(await reader.read())
+        finally:
+            writer.close()
+
+    server = await asyncio.start_server(banner_then_listen, "127.0.0.1", 0)
+    try:
+        port = server.sockets[0].getsockname()[1]
+        async with connected(node.host, node.port) as conn:
+            await conn.send(request(f"127.0.0.1:{port}"))
+            assert await conn.until_eof() == OK_REPLY + b"banner"  # the target's EOF reached us
+            data = pattern(500_000, seed=9)
+            await conn.send(data)  # ... and our direction is still open
+            await conn.shutdown_write()
+            async with asyncio.timeout(10):
+                assert await received == data
+    finally:
+        server.close()
+        await server.wait_closed()
+
+
+async def test_max_sessions_answers_429(start_node: StartNode) -> None:
+    node = await start_node("--allow", "127.0.0.1/32", "--max-sessions", "2")
+    async with echo_server() as echo:
+        first = await open_session(node, echo.endpoint)
+        second = await open_session(node, echo.endpoint)
+        try:
+            reply, rest = await refused_reply(node, request(echo.endpoint) + b"x")
+            assert (reply.code, reply.name) == (429, "too-many"), reply
+            assert rest == b""
+            assert echo.connections == 2
+            await first.close()
+            await wait_status(node, "a slot freed", lambda st: st.active_sessions == 1)
+            third = await open_session(node, echo.endpoint)
+            try:
+                await third.send(b"in")
+                assert await third.exactly(2) == b"in"
+            finally:
+                await third.close()
+        finally:
+            await first.close()
+            await second.close()
+
+
+async def test_idle_session_is_closed(start_node: StartNode) -> None:
+    node = await start_node("--allow", "127.0.0.1/32", "--idle-timeout", "1.5")
+    loop = asyncio.get_running_loop()
+    async with echo_server() as echo:
+        conn = await open_session(node, echo.endpoint)
+        try:
+            for _ in range(4):  # traffic keeps it open past the timeout
+                await asyncio.sleep(0.4)  # the point is to let time pass between bytes
+                await conn.send(b"tick")
+                assert await conn.exactly(4) == b"tick"
+            t0 = loop.time()
+            try:
+                rest = await conn.until_eof(timeout=5)
+            except ConnectionResetError:
+                rest = b""
+            assert rest == b""
+            assert 1.0 <= loop.time() - t0 <= 5
+        finally:
+            await conn.close()
