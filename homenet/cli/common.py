@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import sys
-from collections.abc import Coroutine
+from collections.abc import Callable, Coroutine
 from typing import Any, NoReturn, TypeVar
 
 T = TypeVar("T")
@@ -54,3 +55,16 @@ def quiet_broken_pipe() -> int:
     devnull = os.open(os.devnull, os.O_WRONLY)
     os.dup2(devnull, sys.stdout.fileno())
     return EXIT_FAILED
+
+
+def guarded(body: Callable[[], int]) -> int:
+    """Run a command body: interrupts, closed pipes and bugs become exit codes and one line."""
+    try:
+        return body()
+    except KeyboardInterrupt:
+        return EXIT_INTERRUPTED
+    except BrokenPipeError:
+        return quiet_broken_pipe()
+    except Exception as exc:  # a bug: still one line for the user, the details under --log-level debug
+        logging.getLogger("homenet").debug("crash", exc_info=exc)
+        fail(f"internal error ({type(exc).__name__}: {exc}); please report it")

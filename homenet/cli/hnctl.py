@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import os
 import sys
 import time
@@ -15,7 +14,7 @@ from google.protobuf.json_format import MessageToDict
 from google.protobuf.message import Message
 
 from homenet import __version__
-from homenet.cli.common import EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE, PROG, fail, quiet_broken_pipe, run
+from homenet.cli.common import EXIT_OK, EXIT_USAGE, PROG, fail, guarded, run
 from homenet.control.client import ControlClient, ControlError
 from homenet.control.v1 import discovery_pb2
 from homenet.node.address import DEFAULT_PORT, AddressError, ListenId, parse_endpoint, parse_url
@@ -234,18 +233,14 @@ def main(argv: list[str] | None = None) -> int:
             elif args.command == "kick":
                 await _kick(client, args.listen_id)
 
-    try:
-        run(go())
-    except ControlError as exc:
-        fail(str(exc))
-    except KeyboardInterrupt:
-        return EXIT_INTERRUPTED
-    except BrokenPipeError:
-        return quiet_broken_pipe()
-    except Exception as exc:  # a bug: still one line for the user, the details under --log-level debug
-        logging.getLogger("homenet").debug("crash", exc_info=exc)
-        fail(f"internal error ({type(exc).__name__}: {exc}); please report it")
-    return EXIT_OK
+    def body() -> int:
+        try:
+            run(go())
+        except ControlError as exc:
+            fail(str(exc))
+        return EXIT_OK
+
+    return guarded(body)
 
 
 if __name__ == "__main__":

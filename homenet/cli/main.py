@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import logging
 import os
 import ssl
 import sys
@@ -12,12 +11,11 @@ from typing import Any
 from homenet import __version__
 from homenet.cli.common import (
     EXIT_FAILED,
-    EXIT_INTERRUPTED,
     EXIT_OK,
     EXIT_USAGE,
     PROG,
     fail,
-    quiet_broken_pipe,
+    guarded,
     raise_nofile,
     run,
 )
@@ -357,15 +355,7 @@ def main(argv: list[str] | None = None) -> int:
         "publish": _cmd_publish,
         "listen": _cmd_listen,
     }[args.command]
-    try:
-        return handler(args)
-    except KeyboardInterrupt:
-        return EXIT_INTERRUPTED
-    except BrokenPipeError:
-        return quiet_broken_pipe()
-    except Exception as exc:  # a bug: still one line for the user, the details under --log-level debug
-        logging.getLogger("homenet").debug("crash", exc_info=exc)
-        fail(f"internal error ({type(exc).__name__}: {exc}); please report it")
+    return guarded(lambda: handler(args))
 
 
 if __name__ == "__main__":

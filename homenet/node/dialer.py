@@ -51,6 +51,24 @@ async def system_resolve(host: str, port: int) -> list[IPAddress]:
     return out
 
 
+async def listen_socket(host: str, port: int, backlog: int) -> socket.socket:
+    """A non-blocking listening TCP socket on ``host:port`` (dual-stack when bound to ``::``)."""
+    infos = await asyncio.get_running_loop().getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    family, _, _, _, sockaddr = infos[0]
+    lsock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        lsock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if family == socket.AF_INET6:
+            lsock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+        lsock.bind(sockaddr)
+        lsock.listen(backlog)
+        lsock.setblocking(False)
+    except OSError:
+        lsock.close()
+        raise
+    return lsock
+
+
 def tune(sock: socket.socket) -> None:
     """Per-socket options of every spliced connection."""
     sock.setblocking(False)

@@ -15,7 +15,7 @@ from typing import BinaryIO
 from homenet.node.address import Endpoint, Route
 from homenet.node.auth import Credentials
 from homenet.node.client import RouteFailed, open_route
-from homenet.node.dialer import tune
+from homenet.node.dialer import listen_socket, tune
 from homenet.node.log import fields
 from homenet.node.splice import CarrierPool, Splice
 
@@ -43,17 +43,7 @@ class Forwarder:
 
     async def start(self) -> Endpoint:
         loop = asyncio.get_running_loop()
-        infos = await loop.getaddrinfo(self.bind, self.port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
-        family, _, _, _, sockaddr = infos[0]
-        lsock = socket.socket(family, socket.SOCK_STREAM)
-        try:
-            lsock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            lsock.bind(sockaddr)
-            lsock.listen(1024)
-            lsock.setblocking(False)
-        except OSError:
-            lsock.close()
-            raise
+        lsock = await listen_socket(self.bind, self.port, 1024)
         self._lsock = lsock
         self._accept_task = loop.create_task(self._accept_loop(lsock))
         host, port = lsock.getsockname()[:2]

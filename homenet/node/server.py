@@ -21,7 +21,7 @@ from ipaddress import ip_address
 
 from homenet.node.address import AddressError, Endpoint, ListenId, parse_hop
 from homenet.node.auth import AuthError, Verifier
-from homenet.node.dialer import Dialed, Dialer, DialError, connect, tune
+from homenet.node.dialer import Dialed, Dialer, DialError, connect, listen_socket, tune
 from homenet.node.keys import Key, KeyStore
 from homenet.node.limits import SourceLimiter, source_of
 from homenet.node.log import fields
@@ -180,21 +180,7 @@ class Node:
     async def start(self) -> None:
         """Bind and start accepting; :attr:`address` is known when this returns."""
         self._loop = asyncio.get_running_loop()
-        infos = await self._loop.getaddrinfo(
-            self.settings.bind, self.settings.port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
-        )
-        family, _, _, _, sockaddr = infos[0]
-        lsock = socket.socket(family, socket.SOCK_STREAM)
-        try:
-            lsock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            if family == socket.AF_INET6:
-                lsock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
-            lsock.bind(sockaddr)
-            lsock.listen(4096)
-            lsock.setblocking(False)
-        except OSError:
-            lsock.close()
-            raise
+        lsock = await listen_socket(self.settings.bind, self.settings.port, 4096)
         self._lsock = lsock
         host, port = lsock.getsockname()[:2]
         self._address = Endpoint(str(host), int(port))
