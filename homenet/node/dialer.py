@@ -6,7 +6,9 @@ The resolver and the connect step are injectable so tests can control time and f
 from __future__ import annotations
 
 import asyncio
+import errno
 import ipaddress
+import os
 import socket
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -81,12 +83,46 @@ async def connect(addr: IPAddress, port: int, timeout: float) -> socket.socket:
     sock = socket.socket(family, socket.SOCK_STREAM)
     try:
         tune(sock)
-        async with asyncio.timeout(timeout):
-            await asyncio.get_running_loop().sock_connect(sock, (str(addr), port))
+        # A plain non-blocking connect: loop.sock_connect() would resolve the literal address
+        # again (uvloop sends that through its thread pool), once per session.
+        err = sock.connect_ex((str(addr), port))
+        if err not in (0, errno.EINPROGRESS, errno.EAGAIN):
+            raise OSError(err, os.strerror(err))
+        if err:
+            async with asyncio.timeout(timeout):
+                await wait_writable(sock)
+            err = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+            if err:
+                raise OSError(err, os.strerror(err))
     except BaseException:
         sock.close()
         raise
     return sock
+
+
+async def wait_writable(sock: socket.socket) -> None:
+    loop = asyncio.get_running_loop()
+    fut: asyncio.Future[None] = loop.create_future()
+    fd = sock.fileno()
+
+    def ready() -> None:
+        if not fut.done():
+            fut.set_result(None)
+
+    loop.add_writer(fd, ready)
+    try:
+        await fut
+    finally:
+        loop.remove_writer(fd)
+
+
+async def recv_some(sock: socket.socket, n: int) -> bytes:
+    """``loop.sock_recv`` that first tries a plain recv (the bytes usually came with the
+    connection): no reader registration and no loop iteration in the common case."""
+    try:
+        return sock.recv(n)
+    except (BlockingIOError, InterruptedError):
+        return await asyncio.get_running_loop().sock_recv(sock, n)
 
 
 @dataclass

@@ -21,7 +21,7 @@ from ipaddress import ip_address
 
 from homenet.node.address import AddressError, Endpoint, ListenId, parse_hop
 from homenet.node.auth import AuthError, Verifier
-from homenet.node.dialer import Dialed, Dialer, DialError, connect, listen_socket, tune
+from homenet.node.dialer import Dialed, Dialer, DialError, connect, listen_socket, recv_some, tune, wait_readable
 from homenet.node.keys import Key, KeyStore
 from homenet.node.limits import SourceLimiter, source_of
 from homenet.node.log import fields
@@ -319,7 +319,6 @@ class Node:
         task.add_done_callback(self._handshakes.discard)
 
     async def _handshake(self, hs: Handshake) -> None:
-        loop = asyncio.get_running_loop()
         spliced = False
         try:
             async with asyncio.timeout(self.settings.handshake_timeout):
@@ -327,7 +326,7 @@ class Node:
                     await self._start_tls(hs)
                 buf = hs.buf
                 while (plane := detect_plane(buf)) is None:
-                    chunk = await loop.sock_recv(hs.sock, _RECV)
+                    chunk = await recv_some(hs.sock, _RECV)
                     if not chunk:
                         return
                     buf += chunk
@@ -341,7 +340,7 @@ class Node:
                 parser = RequestParser()
                 parser.receive_data(buf)
                 while (event := parser.next_event()) is NEED_DATA:
-                    parser.receive_data(await loop.sock_recv(hs.sock, _RECV))
+                    parser.receive_data(await recv_some(hs.sock, _RECV))
                 assert isinstance(event, Request)
                 hs.request, hs.trailing = event, parser.trailing()
             spliced = await self._route(hs)
@@ -367,13 +366,7 @@ class Node:
     async def _start_tls(self, hs: Handshake) -> None:
         """Terminate TLS (a plaintext client gets one clear line); hs.sock becomes the plain side."""
         assert self.tls is not None
-        loop = asyncio.get_running_loop()
-        ready = loop.create_future()
-        loop.add_reader(hs.sock.fileno(), ready.set_result, None)
-        try:
-            await ready
-        finally:
-            loop.remove_reader(hs.sock.fileno())
+        await wait_readable(hs.sock)
         first = hs.sock.recv(1, socket.MSG_PEEK)
         if first != b"\x16":  # not a TLS handshake record
             if not first:
