@@ -101,6 +101,16 @@ async def connect(addr: IPAddress, port: int, timeout: float) -> socket.socket:
 
 
 async def wait_writable(sock: socket.socket) -> None:
+    """Until ``sock`` is writable (a connect finished); callers bound it with a timeout."""
+    await _wait(sock, writable=True)
+
+
+async def wait_readable(sock: socket.socket) -> None:
+    """Until ``sock`` is readable; callers bound it with a timeout."""
+    await _wait(sock, writable=False)
+
+
+async def _wait(sock: socket.socket, writable: bool) -> None:
     loop = asyncio.get_running_loop()
     fut: asyncio.Future[None] = loop.create_future()
     fd = sock.fileno()
@@ -109,11 +119,17 @@ async def wait_writable(sock: socket.socket) -> None:
         if not fut.done():
             fut.set_result(None)
 
-    loop.add_writer(fd, ready)
+    if writable:
+        loop.add_writer(fd, ready)
+    else:
+        loop.add_reader(fd, ready)
     try:
         await fut
     finally:
-        loop.remove_writer(fd)
+        if writable:
+            loop.remove_writer(fd)
+        else:
+            loop.remove_reader(fd)
 
 
 async def recv_some(sock: socket.socket, n: int) -> bytes:
