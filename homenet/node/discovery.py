@@ -25,9 +25,11 @@ import unicodedata
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from zeroconf import IPVersion, ServiceStateChange, Zeroconf
-from zeroconf.asyncio import AsyncServiceBrowser, AsyncServiceInfo, AsyncZeroconf
+if TYPE_CHECKING:  # zeroconf is imported only when mDNS is on (it costs memory)
+    from zeroconf import IPVersion, ServiceStateChange, Zeroconf
+    from zeroconf.asyncio import AsyncServiceBrowser, AsyncServiceInfo, AsyncZeroconf
 
 from homenet import __version__
 from homenet.node.address import Endpoint
@@ -175,6 +177,8 @@ class ListenIdBook:
 
 def _interfaces(spec: Sequence[str]) -> tuple[list[str] | None, IPVersion]:
     """zeroconf interface choice from ``--mdns-interface`` values (IP addresses; empty = all)."""
+    from zeroconf import IPVersion
+
     if not spec or any(s == "all" for s in spec):
         return None, IPVersion.V4Only
     addrs = [str(ipaddress.ip_address(s)) for s in spec]
@@ -221,6 +225,8 @@ class Discovery:
         self.changed = asyncio.Event()
 
     async def start(self) -> None:
+        from zeroconf.asyncio import AsyncServiceBrowser, AsyncZeroconf
+
         self.azc = AsyncZeroconf(interfaces=self.ifaces or _all(), ip_version=self.ip_version)
         self._browser = AsyncServiceBrowser(self.azc.zeroconf, self.types, handlers=[self._on_change])
         log.info("discovery.started", extra=fields(types=len(self.types), interfaces=self.ifaces or "all"))
@@ -235,6 +241,8 @@ class Discovery:
             await self.azc.async_close()
 
     def _on_change(self, zeroconf: Zeroconf, service_type: str, name: str, state_change: ServiceStateChange) -> None:
+        from zeroconf import ServiceStateChange
+
         key = (service_type, name)
         if state_change is ServiceStateChange.Removed:
             gone = self.services.pop(key, None)
@@ -261,6 +269,8 @@ class Discovery:
         instance = clean_text(instance_of(name, type_))
         if not instance or (type_ == HOMENET_TYPE and instance == self.own_name):
             return
+        from zeroconf.asyncio import AsyncServiceInfo
+
         async with self._resolving:
             try:  # zeroconf refuses some names legal on the wire (control chars, > 63 bytes)
                 info = AsyncServiceInfo(type_, name)
@@ -338,11 +348,15 @@ class Advertiser:
         self.infos: list[AsyncServiceInfo] = []
 
     async def start(self, azc: AsyncZeroconf | None = None) -> None:
+        from zeroconf.asyncio import AsyncZeroconf
+
         self._own = azc is None
         self.azc = azc or AsyncZeroconf(interfaces=self.ifaces or _all(), ip_version=self.ip_version)
 
     async def publish(self, name: str, type_: str, port: int, txt: dict[str, str]) -> AsyncServiceInfo:
         """Register one service; returns its info (the name may get a suffix on conflict)."""
+        from zeroconf.asyncio import AsyncServiceInfo
+
         assert self.azc is not None
         type_ = normalise_type(type_)
         host = clean_text(socket.gethostname().split(".")[0], 63) or "homenet"
@@ -360,6 +374,8 @@ class Advertiser:
         return info
 
     async def update_txt(self, info: AsyncServiceInfo, txt: dict[str, str]) -> None:
+        from zeroconf.asyncio import AsyncServiceInfo
+
         assert self.azc is not None
         new = AsyncServiceInfo(
             info.type, info.name, port=info.port, properties=dict(txt), server=info.server,

@@ -463,7 +463,8 @@ class Node:
         self.sessions[info.id] = info
         self._idle.clear()
         sp.start()
-        log.debug("session.open", extra=fields(id=info.id, client=hs.peer, target=name, dialed=target.dialed))
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug("session.open", extra=fields(id=info.id, client=hs.peer, target=name, dialed=target.dialed))
         return True
 
     def _session_closed(self, info: SessionInfo, exc: BaseException | None) -> None:
@@ -475,6 +476,8 @@ class Node:
         if not self.sessions:
             self._idle.set()
         level = logging.DEBUG if exc is None or is_disconnect(exc) else logging.INFO
+        if not log.isEnabledFor(level):
+            return
         log.log(
             level,
             "session.close",

@@ -141,11 +141,14 @@ class _Direction:
     def on_readable(self) -> None:
         try:
             for _ in range(_BURST):
-                if not self.fill():
+                n = self.fill()
+                if not n:
                     break
                 if not self.flush():
                     self.wait_writable()
                     return
+                if n < self.capacity:  # drained the socket: don't pay a syscall to hear EAGAIN
+                    break
             self.release()
         except OSError as exc:
             self.splice.fail(exc)
@@ -162,8 +165,13 @@ class _Direction:
         except OSError as exc:
             self.splice.fail(exc)
 
-    def fill(self) -> bool:
-        """Move what the source has into the carrier; False when nothing more to move now."""
+    @property
+    def capacity(self) -> int:
+        c = self.carrier
+        return c.size if isinstance(c, _Pipe) else CHUNK
+
+    def fill(self) -> int:
+        """Move what the source has into the carrier; the byte count (0: nothing more now)."""
         if self.carrier is None:
             self.carrier = self.splice.pool.get()
         c = self.carrier
@@ -174,16 +182,16 @@ class _Direction:
                 n = self.src.recv_into(c)
                 self.offset = 0
         except (BlockingIOError, InterruptedError):
-            return False
+            return 0
         if n == 0:
             self.eof = True
             self.reading = False
             self.loop.remove_reader(self.sfd)
             self.finish()
-            return False
+            return 0
         self.pending = n
         self.splice.touch()
-        return True
+        return n
 
     def flush(self) -> bool:
         """Write the carrier's bytes to the destination; False if it would block first."""
