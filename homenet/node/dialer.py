@@ -9,7 +9,6 @@ import asyncio
 import errno
 import ipaddress
 import os
-import select
 import socket
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -89,9 +88,10 @@ async def connect(addr: IPAddress, port: int, timeout: float) -> socket.socket:
         err = sock.connect_ex((str(addr), port))
         if err not in (0, errno.EINPROGRESS, errno.EAGAIN):
             raise OSError(err, os.strerror(err))
-        if err and not select.select((), (sock,), (), 0)[1]:  # loopback/LAN: often done already
-            async with asyncio.timeout(timeout):
-                await wait_writable(sock)
+        if err:
+            if not _connected(sock):  # on loopback it often is already: no loop round trip
+                async with asyncio.timeout(timeout):
+                    await wait_writable(sock)
             err = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
             if err:
                 raise OSError(err, os.strerror(err))
@@ -99,6 +99,14 @@ async def connect(addr: IPAddress, port: int, timeout: float) -> socket.socket:
         sock.close()
         raise
     return sock
+
+
+def _connected(sock: socket.socket) -> bool:
+    try:
+        sock.getpeername()
+    except OSError:
+        return False
+    return True
 
 
 async def wait_writable(sock: socket.socket) -> None:

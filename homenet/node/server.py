@@ -355,6 +355,8 @@ class Node:
             log.info("session.refused", extra=fields(peer=hs.peer, reason=str(exc)))
         except OSError as exc:
             log.debug("handshake.io_error", extra=fields(peer=hs.peer, error=str(exc)))
+        except Exception:  # a bug must cost one connection, never the node
+            log.exception("handshake.bug", extra=fields(peer=hs.peer))
         finally:
             if hs.source is not None:
                 self.limiter.release(hs.source)
