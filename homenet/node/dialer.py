@@ -72,15 +72,16 @@ async def listen_socket(host: str, port: int, backlog: int) -> socket.socket:
 
 
 def tune(sock: socket.socket) -> None:
-    """Per-socket options of every spliced connection."""
-    sock.setblocking(False)
+    """Per-socket options of every spliced connection: non-blocking, no Nagle delay."""
+    if sock.gettimeout() != 0.0:
+        sock.setblocking(False)
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
 
 async def connect(addr: IPAddress, port: int, timeout: float) -> socket.socket:
     """Open a TCP connection to ``addr:port`` within ``timeout`` seconds."""
     family = socket.AF_INET6 if addr.version == 6 else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock = socket.socket(family, socket.SOCK_STREAM | getattr(socket, "SOCK_NONBLOCK", 0))
     try:
         tune(sock)
         # A plain non-blocking connect: loop.sock_connect() would resolve the literal address
