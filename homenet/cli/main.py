@@ -348,13 +348,7 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``homenet`` command."""
     PROG[0] = "homenet"
     args = _parser().parse_args(argv)
-    handler = {
-        "node": _cmd_node,
-        "rl": _cmd_rl,
-        "connect": _cmd_connect,
-        "publish": _cmd_publish,
-        "listen": _cmd_listen,
-    }[args.command]
+    handler = _COMMANDS[args.command]
     return guarded(lambda: handler(args))
 
 

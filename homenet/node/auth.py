@@ -23,8 +23,9 @@ from homenet.node.keys import Key, KeyStore, Secret
 
 #: Seconds a token's timestamp may differ from the verifier's clock, either way.
 SKEW = 60.0
-#: Nonces remembered at most (oldest forgotten first; only valid tokens are remembered).
-REPLAY_CACHE = 200_000
+#: Nonces remembered per key at most. A key that logs in faster than this per window is told
+#: to slow down; a nonce is never forgotten before its token expires (that would allow a replay).
+REPLAY_CACHE = 50_000
 
 
 class AuthError(Exception):
@@ -66,7 +67,7 @@ class Verifier:
         self.keys = keys
         self.clock = clock
         self.skew = skew
-        self._seen: OrderedDict[tuple[str, str], float] = OrderedDict()
+        self._seen: dict[str, OrderedDict[str, float]] = {}  # key id -> nonce -> forget after
 
     def verify(self, context: str, token: dict[str, str], role: str) -> Key:
         """The key that signed ``context``, if it holds ``role``; raises :class:`AuthError`."""
@@ -82,19 +83,14 @@ class Verifier:
         expected = mac(key.secret if key else Secret("x" * 32), context, kid, ts, nonce)
         if not hmac.compare_digest(expected.encode("ascii"), got.encode("ascii", "replace")) or key is None:
             raise AuthError("bad credentials")
-        self._expire(now)
-        if (kid, nonce) in self._seen:
+        seen = self._seen.setdefault(kid, OrderedDict())
+        while seen and next(iter(seen.values())) <= now:
+            seen.popitem(last=False)
+        if nonce in seen:
             raise AuthError("replayed credentials")
-        self._seen[(kid, nonce)] = now + 2 * self.skew
-        while len(self._seen) > REPLAY_CACHE:
-            self._seen.popitem(last=False)
+        if len(seen) >= REPLAY_CACHE:
+            raise AuthError(f"key {kid} logs in too often; retry in a minute", forbidden=True)
+        seen[nonce] = now + 2 * self.skew
         if not key.allows(role):
             raise AuthError(f"key {kid} lacks the {role} role", forbidden=True)
         return key
-
-    def _expire(self, now: float) -> None:
-        while self._seen:
-            first = next(iter(self._seen.values()))
-            if first > now:
-                break
-            self._seen.popitem(last=False)

@@ -142,6 +142,16 @@ async def _wait(sock: socket.socket, writable: bool) -> None:
             loop.remove_reader(fd)
 
 
+async def send_all(sock: socket.socket, data: bytes) -> None:
+    """``loop.sock_sendall`` that first tries a plain send (a short reply always fits)."""
+    try:
+        n = sock.send(data)
+    except (BlockingIOError, InterruptedError):
+        n = 0
+    if n < len(data):
+        await asyncio.get_running_loop().sock_sendall(sock, memoryview(data)[n:])
+
+
 async def recv_some(sock: socket.socket, n: int) -> bytes:
     """``loop.sock_recv`` that first tries a plain recv (the bytes usually came with the
     connection): no reader registration and no loop iteration in the common case."""
@@ -159,18 +169,43 @@ class Dialer:
     timeout: float = 10.0
     resolve: Resolver = system_resolve
 
+    def __post_init__(self) -> None:
+        self._verdicts: dict[Endpoint, IPAddress] = {}
+        self._verdicts_for: TargetPolicy | None = None
+
+    def _literal(self, target: Endpoint) -> IPAddress | None:
+        """An IP-literal target the policy allows, from a bounded cache of verdicts (raises
+        DialError when refused); None for a host name."""
+        if self._verdicts_for is not self.policy:  # the policy was replaced: forget
+            self._verdicts, self._verdicts_for = {}, self.policy
+        addr = self._verdicts.get(target)
+        if addr is not None:
+            return addr
+        try:
+            addr = ipaddress.ip_address(target.host)
+        except ValueError:
+            return None
+        try:
+            self.policy.check(addr, target.port)
+        except PolicyError as exc:
+            raise DialError(Code.FORBIDDEN, str(exc)) from None
+        if len(self._verdicts) >= 4096:
+            self._verdicts.clear()
+        self._verdicts[target] = addr
+        return addr
+
     async def dial(self, target: Endpoint) -> Dialed:
         """Resolve ``target`` once, drop refused addresses, connect to the first that answers."""
+        literal = self._literal(target)
+        if literal is not None:
+            return await self._connect([literal], target)
+        if not self.policy.allow:  # nothing could pass: refuse without asking DNS
+            raise DialError(Code.FORBIDDEN, f"{target} is not allowed here (the node allows no targets)")
         try:
-            addrs = [ipaddress.ip_address(target.host)]
-        except ValueError:
-            if not self.policy.allow:  # nothing could pass: refuse without asking DNS
-                raise DialError(Code.FORBIDDEN, f"{target} is not allowed here (the node allows no targets)") from None
-            try:
-                async with asyncio.timeout(self.timeout):
-                    addrs = await self.resolve(target.host, target.port)
-            except (OSError, TimeoutError) as exc:
-                raise DialError(Code.UNRESOLVABLE, f"cannot resolve {target.host}: {describe_os_error(exc)}") from None
+            async with asyncio.timeout(self.timeout):
+                addrs = await self.resolve(target.host, target.port)
+        except (OSError, TimeoutError) as exc:
+            raise DialError(Code.UNRESOLVABLE, f"cannot resolve {target.host}: {describe_os_error(exc)}") from None
         if not addrs:
             raise DialError(Code.UNRESOLVABLE, f"cannot resolve {target.host}: no address")
         allowed: list[IPAddress] = []
@@ -183,6 +218,9 @@ class Dialer:
                 refusal = str(exc)
         if not allowed:
             raise DialError(Code.FORBIDDEN, refusal or f"{target} resolved to no address")
+        return await self._connect(allowed, target)
+
+    async def _connect(self, allowed: list[IPAddress], target: Endpoint) -> Dialed:
         last: BaseException | None = None
         for addr in allowed:
             try:

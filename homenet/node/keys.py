@@ -163,7 +163,7 @@ def load_keys(path: Path) -> dict[str, Key]:
             data = tomllib.load(fh)
     except OSError as exc:
         raise KeyFileError(f"cannot read keys file {path}: {exc.strerror}") from None
-    except tomllib.TOMLDecodeError as exc:
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
         raise KeyFileError(f"keys file {path} is not valid TOML: {exc}") from None
     table = data.get("keys", {})
     if not isinstance(table, dict):
@@ -192,11 +192,12 @@ def client_key(
     env = dict(os.environ) if env is None else env
     if key:
         return parse_key_ref(key)
-    path = key_file or env.get("HOMENET_KEY_FILE")
-    if path:
-        return _key_from_file(Path(path))
+    if key_file:
+        return _key_from_file(Path(key_file))
     if env.get("HOMENET_KEY"):
         return parse_key_ref(env["HOMENET_KEY"])
+    if env.get("HOMENET_KEY_FILE"):
+        return _key_from_file(Path(env["HOMENET_KEY_FILE"]))
     if local_keys is not None and local_keys.is_file():
         try:
             keys = load_keys(local_keys)

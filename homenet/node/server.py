@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import itertools
 import logging
 import secrets
@@ -21,7 +22,17 @@ from ipaddress import ip_address
 
 from homenet.node.address import AddressError, Endpoint, ListenId, parse_hop
 from homenet.node.auth import AuthError, Verifier
-from homenet.node.dialer import Dialed, Dialer, DialError, connect, listen_socket, recv_some, tune, wait_readable
+from homenet.node.dialer import (
+    Dialed,
+    Dialer,
+    DialError,
+    connect,
+    listen_socket,
+    recv_some,
+    send_all,
+    tune,
+    wait_readable,
+)
 from homenet.node.keys import Key, KeyStore
 from homenet.node.limits import SourceLimiter, source_of
 from homenet.node.log import fields
@@ -45,6 +56,9 @@ log = logging.getLogger("homenet.node")
 
 _RECV = 65536
 _ACCEPT_BURST = 128
+_OK = encode_reply(Code.OK)
+#: Hops repeat (a home's LAN targets, listenIds): parse each spelling once.
+_parse_hop = functools.lru_cache(maxsize=4096)(parse_hop)
 #: Seconds to stop accepting after the process ran out of descriptors (or memory).
 _ACCEPT_PAUSE = 0.5
 
@@ -373,6 +387,8 @@ class Node:
         if first != b"\x16":  # not a TLS handshake record
             if not first:
                 raise ConnectionResetError("closed before TLS")
+            with contextlib.suppress(OSError):  # read what it sent, or closing would reset the line away
+                hs.sock.recv(65536)
             raise ProtocolError(Code.BAD_REQUEST, "this node speaks TLS only: use hns:// (or a TLS client)")
         raw = hs.sock
         hs.sock, hs.alpn = await accept_tls(raw, self.tls, self.settings.handshake_timeout)
@@ -398,7 +414,7 @@ class Node:
         if len(self.sessions) >= self.settings.max_sessions:
             raise RouteError(Code.TOO_MANY, f"node at its limit of {self.settings.max_sessions} sessions")
         try:
-            hop = parse_hop(req.arg)
+            hop = _parse_hop(req.arg)
         except AddressError as exc:
             raise RouteError(Code.BAD_REQUEST, str(exc)) from None
         if isinstance(hop, ListenId):
@@ -442,12 +458,11 @@ class Node:
 
     async def splice_session(self, hs: Handshake, target: Target, name: str) -> bool:
         """Reply OK, hand over the client's pipelined bytes, and splice client <-> target."""
-        loop = asyncio.get_running_loop()
         info = SessionInfo(next(self._ids), hs.peer, name, target.dialed, time.time())
         try:
-            await loop.sock_sendall(hs.sock, encode_reply(Code.OK))
+            await send_all(hs.sock, _OK)
             if hs.trailing:
-                await loop.sock_sendall(target.sock, hs.trailing)
+                await send_all(target.sock, hs.trailing)
         except BaseException:
             target.sock.close()
             if target.on_close is not None:

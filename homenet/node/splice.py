@@ -254,7 +254,8 @@ class Splice:
         self.pool = pool
         # both sockets must be non-blocking already (tune() does it): a blocking one would
         # stall the whole loop, and setting it here again costs two syscalls per session
-        assert a.gettimeout() == 0.0 and b.gettimeout() == 0.0, "splice needs non-blocking sockets"
+        assert a.gettimeout() == 0.0, "splice needs non-blocking sockets"
+        assert b.gettimeout() == 0.0, "splice needs non-blocking sockets"
         self.a, self.b = a, b
         self.up = _Direction(self, a, b)
         self.down = _Direction(self, b, a)

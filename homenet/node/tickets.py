@@ -66,8 +66,12 @@ class TicketBook(Generic[T]):
 
     def issue(self, kind: str, owner: T, ttl: float, on_expire: Callable[[], None] | None = None) -> str:
         """A fresh ticket for ``owner``, valid ``ttl`` seconds."""
-        while len(self._live) >= self._max:
-            self._live.pop(next(iter(self._live)))
+        while len(self._live) >= self._max:  # full: the oldest ticket dies early, its hook told
+            oldest = next(iter(self._live))
+            dropped = self._live.pop(oldest)
+            self._dead[oldest] = ("ticket expired", self._clock())
+            if dropped.on_expire is not None:
+                dropped.on_expire()
         ticket = secrets.token_urlsafe(16)
         self._live[_digest(ticket)] = Ticket(kind, owner, self._clock() + ttl, on_expire)
         return ticket
