@@ -34,6 +34,11 @@ REGISTER_TIMEOUT = 10.0
 Context = grpc.aio.ServicerContext[relay_pb2.ListenerMessage, relay_pb2.RelayMessage]
 
 
+def one_line(text: str, limit: int = 300) -> str:
+    """Text from a remote node, made safe to show on one line."""
+    return "".join(ch if ch.isprintable() else " " for ch in text[:limit])
+
+
 def to_event_message(event: Event) -> relay_pb2.RelayMessage:
     if isinstance(event, Incoming):
         return relay_pb2.RelayMessage(
@@ -105,7 +110,7 @@ class RelayServicer(relay_pb2_grpc.RelayServiceServicer):
                 elif kind == "query_result":
                     r = msg.query_result
                     answer = (
-                        QueryError(QUERY_KIND.get(r.error_code, "failed"), r.error[:300])
+                        QueryError(QUERY_KIND.get(r.error_code, "failed"), one_line(r.error))
                         if r.error_code
                         else answer_from_pb(r.response)
                     )
