@@ -398,6 +398,9 @@ class Node:
         log.info("session.refused", extra=fields(peer=hs.peer, code=int(code), reason=reason))
         with contextlib.suppress(OSError):
             hs.sock.send(encode_reply(code, reason))  # one line, best effort: never wait on it
+            # unread input makes close() send a reset, which can destroy the line in flight
+            hs.sock.shutdown(socket.SHUT_WR)
+            hs.sock.recv(65536)
 
     # -- routing -----------------------------------------------------------------------------
     async def _route(self, hs: Handshake) -> bool:
