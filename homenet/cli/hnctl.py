@@ -33,6 +33,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--timeout", type=float, default=5.0, help="deadline of each call in seconds (default 5)")
     p.add_argument("--tls", action="store_true", help="talk TLS to --node (hns:// URLs imply it)")
     p.add_argument("--tls-ca", metavar="PEM", default=os.environ.get("HOMENET_TLS_CA"), help="CA to verify with")
+    p.add_argument("--tls-cert", metavar="PEM", help="client certificate for nodes that require one (mTLS)")
+    p.add_argument("--tls-key", metavar="PEM", help="private key of --tls-cert")
     p.add_argument(
         "--key-file", metavar="FILE",
         help="key to sign calls with (default: $HOMENET_KEY, else the admin key of a local node's state dir)",
@@ -221,7 +223,7 @@ def main(argv: list[str] | None = None) -> int:
     creds = Credentials(*found) if found else None
 
     async def go() -> None:
-        async with ControlClient(node, args.timeout, creds, tls, args.tls_ca) as client:
+        async with ControlClient(node, args.timeout, creds, tls, args.tls_ca, args.tls_cert, args.tls_key) as client:
             if args.command == "status":
                 await _status(client, args.json)
             elif args.command == "sessions":

@@ -36,12 +36,12 @@ def _notice(line: str) -> None:
     print(f"homenet: {line}", file=sys.stderr, flush=True)
 
 
-def _tls(route: Route, ca: str | None) -> ssl.SSLContext | None:
+def _tls(route: Route, args: argparse.Namespace) -> ssl.SSLContext | None:
     """The TLS context for an hns:// route (None for hn://)."""
     if not route.tls:
         return None
     try:
-        return client_context(ca or os.environ.get("HOMENET_TLS_CA") or None)
+        return client_context(args.tls_ca or os.environ.get("HOMENET_TLS_CA") or None, args.tls_cert, args.tls_key)
     except TLSError as exc:
         fail(str(exc), EXIT_USAGE)
 
@@ -121,6 +121,8 @@ def _parser() -> argparse.ArgumentParser:
     conn.add_argument("--timeout", type=float, default=10.0, help="seconds to open the route (default 10)")
     conn.add_argument("--key-file", metavar="FILE", help="key to sign requests with (default $HOMENET_KEY)")
     conn.add_argument("--tls-ca", metavar="PEM", help="CA to verify an hns:// node with (default: system store)")
+    conn.add_argument("--tls-cert", metavar="PEM", help="client certificate for nodes that require one (mTLS)")
+    conn.add_argument("--tls-key", metavar="PEM", help="private key of --tls-cert")
 
     pub = sub.add_parser(
         "publish", help="announce a service on the LAN over mDNS until stopped",
@@ -160,6 +162,8 @@ def _parser() -> argparse.ArgumentParser:
     lis.add_argument("--timeout", type=float, default=10.0, help="seconds to open the route (default 10)")
     lis.add_argument("--key-file", metavar="FILE", help="key to sign requests with (default $HOMENET_KEY)")
     lis.add_argument("--tls-ca", metavar="PEM", help="CA to verify an hns:// node with (default: system store)")
+    lis.add_argument("--tls-cert", metavar="PEM", help="client certificate for nodes that require one (mTLS)")
+    lis.add_argument("--tls-key", metavar="PEM", help="private key of --tls-cert")
     lis.add_argument("--log-level", default="warning", choices=["debug", "info", "warning", "error"])
     return p
 
@@ -228,7 +232,7 @@ def _cmd_connect(args: argparse.Namespace) -> int:
         fail(str(exc), EXIT_USAGE)
     data = args.data.encode("utf-8") if args.data is not None else None
     try:
-        run(stdio_session(route, data, args.timeout, creds=_client_creds(args.key_file), tls=_tls(route, args.tls_ca)))
+        run(stdio_session(route, data, args.timeout, creds=_client_creds(args.key_file), tls=_tls(route, args)))
     except RouteFailed as exc:
         fail(str(exc))
     except (ConnectionError, OSError) as exc:
@@ -248,7 +252,7 @@ def _cmd_listen(args: argparse.Namespace) -> int:
     configure(args.log_level)
     raise_nofile()
     creds = _client_creds(args.key_file)
-    tls = _tls(route, args.tls_ca)
+    tls = _tls(route, args)
 
     async def serve() -> None:
         import asyncio

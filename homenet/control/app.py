@@ -44,6 +44,8 @@ def _rl_options(settings: Settings, url: str, node_id: str) -> RLOptions:
     return RLOptions(
         creds=creds,
         tls_ca=settings.tls_ca,
+        tls_cert=settings.tls_cert,
+        tls_key=settings.tls_key,
         route=parse_url(url),
         listen_id=settings.listen_id or "",
         pool_size=settings.pool_size,

@@ -35,16 +35,30 @@ def _describe(exc: grpc.aio.AioRpcError, target: str) -> str:
 
 
 def open_channel(
-    target: str, tls: bool = False, tls_ca: str | None = None, options: list[tuple[str, Any]] | None = None
+    target: str,
+    tls: bool = False,
+    tls_ca: str | None = None,
+    options: list[tuple[str, Any]] | None = None,
+    cert: str | None = None,
+    key: str | None = None,
 ) -> grpc.aio.Channel:
-    """A channel to a node's one port: plaintext, or TLS verified with ``tls_ca`` (or the system store)."""
+    """A channel to a node's one port: plaintext, or TLS verified with ``tls_ca`` (or the
+    system store), presenting ``cert``/``key`` to nodes that require client certificates."""
     if not tls:
         return grpc.aio.insecure_channel(target, options=options)
-    try:
-        roots = Path(tls_ca).read_bytes() if tls_ca else None
-    except OSError as exc:
-        raise ControlError(f"cannot read --tls-ca {tls_ca}: {exc.strerror}") from None
-    return grpc.aio.secure_channel(target, grpc.ssl_channel_credentials(root_certificates=roots), options=options)
+
+    def read(path: str | None, what: str) -> bytes | None:
+        try:
+            return Path(path).read_bytes() if path else None
+        except OSError as exc:
+            raise ControlError(f"cannot read {what} {path}: {exc.strerror}") from None
+
+    creds = grpc.ssl_channel_credentials(
+        root_certificates=read(tls_ca, "--tls-ca"),
+        private_key=read(key, "--tls-key"),
+        certificate_chain=read(cert, "--tls-cert"),
+    )
+    return grpc.aio.secure_channel(target, creds, options=options)
 
 
 class ControlClient:
@@ -53,12 +67,14 @@ class ControlClient:
     def __init__(
         self, node: str, timeout: float = 5.0, creds: Credentials | None = None, tls: bool = False,
         tls_ca: str | None = None,
+        tls_cert: str | None = None,
+        tls_key: str | None = None,
     ) -> None:  # fmt: skip
         ep = parse_endpoint(node, DEFAULT_PORT)
         self.target = str(ep)
         self.timeout = timeout
         self.creds = creds
-        self.channel = open_channel(self.target, tls, tls_ca)
+        self.channel = open_channel(self.target, tls, tls_ca, cert=tls_cert, key=tls_key)
         self.nodes = node_pb2_grpc.NodeServiceStub(self.channel)
         self.relay = relay_pb2_grpc.RelayServiceStub(self.channel)
         self.discovery = discovery_pb2_grpc.DiscoveryServiceStub(self.channel)

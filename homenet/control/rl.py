@@ -14,6 +14,7 @@ import hashlib
 import json
 import logging
 import os
+import ssl
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,6 +34,7 @@ from homenet.node.forward import Forwarder
 from homenet.node.log import fields
 from homenet.node.query import Query, QueryAnswer, QueryError
 from homenet.node.remote import RemoteListen, Serve
+from homenet.node.tls import client_context
 
 log = logging.getLogger("homenet.rl")
 
@@ -68,6 +70,9 @@ class RLOptions:
     dial_timeout: float = 5.0
     creds: Credentials | None = None
     tls_ca: str | None = None
+    #: This node's certificate, for relays that require client certificates (mTLS).
+    tls_cert: str | None = None
+    tls_key: str | None = None
 
 
 class StateFile:
@@ -131,10 +136,16 @@ class RLClient:
         if not route.hops:
             return str(route.entry)
         if self._forwarder is None:  # the stream rides a HomeNet route: forward a local port to it
-            self._forwarder = Forwarder(route, "127.0.0.1", 0, self.opts.dial_timeout, self.opts.creds)
+            self._forwarder = Forwarder(route, "127.0.0.1", 0, self.opts.dial_timeout, self.opts.creds, self._tls())
             ep = await self._forwarder.start()
             self._target_ep = str(ep)
         return self._target_ep
+
+    def _tls(self) -> ssl.SSLContext | None:
+        """TLS for the data connections of an hns:// relay route (with our certificate, if any)."""
+        if not self.opts.route.tls:
+            return None
+        return client_context(self.opts.tls_ca, self.opts.tls_cert, self.opts.tls_key)
 
     async def run(self) -> None:
         """Register and serve forever; raises :class:`Refused` if the first registration is refused."""
@@ -169,6 +180,8 @@ class RLClient:
             target,
             direct_tls,
             self.opts.tls_ca,
+            cert=self.opts.tls_cert,
+            key=self.opts.tls_key,
             options=[
                 ("grpc.keepalive_time_ms", 10_000),
                 ("grpc.keepalive_timeout_ms", 5_000),
@@ -208,7 +221,9 @@ class RLClient:
             async def report(ticket: str, reason: str) -> None:
                 await send(relay_pb2.ListenerMessage(dial_failed=relay_pb2.DialFailed(ticket=ticket, reason=reason)))
 
-            remote = RemoteListen(self.opts.route, self.serve, report, self.opts.dial_timeout, self.opts.creds)
+            remote = RemoteListen(
+                self.opts.route, self.serve, report, self.opts.dial_timeout, self.opts.creds, self._tls()
+            )
             silence = 3 * (reg.ping_interval or 2.0)
             while True:
                 try:

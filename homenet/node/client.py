@@ -141,6 +141,8 @@ async def open_route(
     except ProtocolError as exc:
         sock.close()
         why = "connection closed" if "connection closed" in exc.reason else exc.reason
+        if route.tls and why == "connection closed":
+            why += "; does the node require a client certificate (--tls-cert)?"
         raise RouteFailed(f"{route}: bad reply from the route ({why})") from None
     except OSError as exc:
         sock.close()

@@ -12,6 +12,7 @@ import contextlib
 import logging
 import re
 import socket
+import ssl
 from collections.abc import Awaitable, Callable
 
 from homenet.node.address import Endpoint, Route
@@ -42,10 +43,11 @@ class RemoteListen:
 
     def __init__(
         self, relay_route: Route, serve: Serve, report_failure: ReportFailure, timeout: float = 5.0,
-        creds: Credentials | None = None,
+        creds: Credentials | None = None, tls: ssl.SSLContext | None = None,
     ) -> None:  # fmt: skip
         self.route = relay_route
         self.creds = creds
+        self.tls = tls
         self.serve = serve
         self.report_failure = report_failure
         self.timeout = timeout
@@ -69,7 +71,11 @@ class RemoteListen:
     async def _dial_back(self, ticket: str, client: str) -> None:
         try:
             opened = await open_route(
-                self.route, final=encode_request(Verb.TICKET, ticket), timeout=self.timeout, creds=self.creds
+                self.route,
+                final=encode_request(Verb.TICKET, ticket),
+                timeout=self.timeout,
+                creds=self.creds,
+                tls=self.tls,
             )
         except RouteFailed as exc:
             log.warning("rl.dial_back_failed", extra=fields(client=client, error=str(exc)))
@@ -87,6 +93,7 @@ class RemoteListen:
                 timeout=self.timeout,
                 wait_final=False,
                 creds=self.creds,
+                tls=self.tls,
             )
         except RouteFailed as exc:
             log.debug("rl.park_failed", extra=fields(error=str(exc)))

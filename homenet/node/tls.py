@@ -37,12 +37,18 @@ def server_context(cert: str, key: str, client_ca: str | None = None) -> ssl.SSL
     return ctx
 
 
-def client_context(ca: str | None = None) -> ssl.SSLContext:
-    """Context for hns:// routes: the system store, or ``ca`` (a PEM bundle)."""
+def client_context(ca: str | None = None, cert: str | None = None, key: str | None = None) -> ssl.SSLContext:
+    """Context for hns:// routes: the system store, or ``ca`` (a PEM bundle); ``cert`` and
+    ``key`` are this client's certificate for nodes that require one (mTLS)."""
     try:
         ctx = ssl.create_default_context(cafile=ca)
     except (OSError, ssl.SSLError) as exc:
         raise TLSError(f"cannot load TLS CA {ca}: {exc}") from None
+    if cert:
+        try:
+            ctx.load_cert_chain(cert, key)
+        except (OSError, ssl.SSLError) as exc:
+            raise TLSError(f"cannot load TLS client certificate {cert}: {exc}") from None
     ctx.minimum_version = ssl.TLSVersion.TLSv1_2
     ctx.set_alpn_protocols([ALPN_DATA])
     return ctx
