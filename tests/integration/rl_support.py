@@ -91,6 +91,14 @@ def home_args(relay_url: str, state_dir: Path, *extra: str, listen_id: str | Non
     return [*args, *extra]
 
 
+async def start_home(
+    nodes: StartNode, relay_url: str, state_dir: Path, *extra: str, listen_id: str | None = "home1"
+) -> tuple[NodeProc, str]:
+    """A home node remote-listening on ``relay_url``; returns it and the URL it announced."""
+    home = await nodes(args=home_args(relay_url, state_dir, *extra, listen_id=listen_id))
+    return home, listening_url(await home.next_line("LISTENING "))
+
+
 def listening_url(line: str) -> str:
     """The URL of a ``LISTENING hn://...`` line."""
     parts = line.split()

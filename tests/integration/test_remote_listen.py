@@ -10,7 +10,6 @@ import asyncio
 import json
 import re
 import time
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 import grpc
@@ -19,7 +18,7 @@ import pytest
 from homenet.node.address import parse_url
 from homenet.node.client import open_route
 from tests.conftest import StartNode
-from tests.helpers import NodeProc, echo_server, pattern
+from tests.helpers import echo_server, pattern
 from tests.integration.rl_support import (
     SOURCES,
     GrpcListener,
@@ -36,7 +35,7 @@ from tests.integration.rl_support import (
     redeem,
     refused_ticket,
     settled_fds,
-    stopped_in_reverse,
+    start_home,
     two_hop_request,
     wait_fds_back,
     wait_listeners,
@@ -52,21 +51,6 @@ from tests.integration.support import (
     request,
     running,
 )
-
-
-@pytest.fixture
-async def nodes(start_node: StartNode, tmp_path: Path) -> AsyncIterator[StartNode]:
-    """Like ``start_node``; home nodes are stopped before their relays, all share one keys file."""
-    async with stopped_in_reverse(start_node, tmp_path) as start:
-        yield start
-
-
-async def start_home(
-    nodes: StartNode, relay_url: str, state_dir: Path, *extra: str, listen_id: str | None = "home1"
-) -> tuple[NodeProc, str]:
-    """A home node remote-listening on ``relay_url``; returns it and the URL it announced."""
-    home = await nodes(args=home_args(relay_url, state_dir, *extra, listen_id=listen_id))
-    return home, listening_url(await home.next_line("LISTENING "))
 
 
 async def echo_through(conn: Conn, payload: bytes) -> bytes:

@@ -11,24 +11,22 @@ import asyncio
 import json
 import os
 import signal
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
 
 from tests.conftest import StartNode
-from tests.helpers import NodeProc, echo_server
+from tests.helpers import echo_server
 from tests.integration.rl_support import (
     by_id,
     hnctl,
     home_args,
     list_listeners,
-    listening_url,
     log_lines,
     pool_full,
     relisten,
     settled_fds,
-    stopped_in_reverse,
+    start_home,
     two_hop_request,
     wait_fds_back,
     wait_listeners,
@@ -39,20 +37,6 @@ from tests.integration.support import TIMEOUT, closed_port, homenet, refused_rep
 #: Seconds a listener may take to be back once its relay (or itself) is up again:
 #: at most one backoff step (capped at 1.5 s) plus a registration round trip.
 BACK_WITHIN = 2.0
-
-
-@pytest.fixture
-async def nodes(start_node: StartNode, tmp_path: Path) -> AsyncIterator[StartNode]:
-    """Like ``start_node``; home nodes are stopped before their relays, all share one keys file."""
-    async with stopped_in_reverse(start_node, tmp_path) as start:
-        yield start
-
-
-async def start_home(
-    nodes: StartNode, relay_url: str, state_dir: Path, *extra: str, listen_id: str | None = "home1"
-) -> tuple[NodeProc, str]:
-    home = await nodes(args=home_args(relay_url, state_dir, *extra, listen_id=listen_id))
-    return home, listening_url(await home.next_line("LISTENING "))
 
 
 async def assert_clients_work(url: str, text: str) -> None:
