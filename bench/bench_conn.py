@@ -17,6 +17,13 @@ Routing preambles (HOST:PORT is then the relay itself):
                     go out in ONE write (pipelined, no round trip); the reply line
                     "HN/1 200 ok\n" and the echoed byte are read back. Latency is
                     still connect -> echo received.
+  --homenet-route=HOP/HOP/...
+                    the same through several nodes (Remote Listen): one
+                    "HN/1 CONNECT HOP\n" line per hop, all lines and the payload in
+                    ONE write (pipelined); one "HN/1 200 ..." reply line per hop is
+                    expected before the echo. E.g. home/127.0.0.1:7001 (relay ->
+                    listener "home" -> target) or echo (a `homenet rl` listener).
+                    --homenet=T is --homenet-route=T.
 
 Memory (any mode): --server-pids P[,P..] / --client-pids P[,P..] are roots
 of process trees (relay side / home-agent side); their RSS/PSS is sampled
@@ -38,7 +45,8 @@ import memstat
 
 TIMEOUT = 10.0
 CONNECT_REQ = None  # bytes of an HTTP CONNECT request, set by --http-connect
-HN_REQ = None  # bytes of a HomeNet request line, set by --homenet
+HN_REQ = None  # bytes of the HomeNet request lines, set by --homenet / --homenet-route
+HN_HOPS = 0  # number of request lines = reply lines expected
 
 
 def _check_connect_reply(buf):
@@ -47,20 +55,27 @@ def _check_connect_reply(buf):
 
 
 def _split_hn_reply(buf):
-    """(echo byte, True) once buf holds the reply line and one byte after it."""
-    i = buf.find(b"\n")
-    if i < 0 or len(buf) < i + 2:
+    """(echo byte, True) once buf holds the HN_HOPS reply lines and one byte after them."""
+    pos = 0
+    for _ in range(HN_HOPS):
+        i = buf.find(b"\n", pos)
+        if i < 0:
+            if len(buf) - pos >= 8 and not buf.startswith(b"HN/1 200", pos):
+                raise ConnectionError(f"HomeNet refused: {buf[pos : pos + 80]!r}")
+            return None, False
+        if not buf.startswith(b"HN/1 200", pos):
+            raise ConnectionError(f"HomeNet refused: {buf[pos:i]!r}")
+        pos = i + 1
+    if len(buf) < pos + 1:
         return None, False
-    if not buf.startswith(b"HN/1 200"):
-        raise ConnectionError(f"HomeNet refused: {buf[:i]!r}")
-    return buf[i + 1 : i + 2], True
+    return buf[pos : pos + 1], True
 
 
 def _hn_eof(buf):
-    if buf.startswith(b"HN/1 200") or not buf:
-        raise ConnectionError("eof/bad echo")
-    line = buf.split(b"\n", 1)[0]
-    raise ConnectionError(f"HomeNet refused: {line!r}")
+    for line in buf.split(b"\n"):
+        if line and not line.startswith(b"HN/1 200"):
+            raise ConnectionError(f"HomeNet refused: {line[:80]!r}")
+    raise ConnectionError("eof/bad echo")
 
 
 def _hn_exchange(s):
@@ -87,6 +102,15 @@ async def _hn_exchange_async(loop, s):
         d, done = _split_hn_reply(buf)
         if done:
             return d
+
+
+FIRST_ERRORS = {}  # error kind -> first message (copied into the output)
+
+
+def _count_err(errs, e):
+    k = type(e).__name__
+    errs[k] = errs.get(k, 0) + 1
+    FIRST_ERRORS.setdefault(k, str(e)[:160])
 
 
 def pct(sorted_vals, q):
@@ -177,8 +201,7 @@ def run_seq(addr, n):
                 raise ConnectionError("eof/bad echo")
             lats.append(b - a)
         except Exception as e:
-            k = type(e).__name__
-            errs[k] = errs.get(k, 0) + 1
+            _count_err(errs, e)
     wall = time.perf_counter() - t0
     return lats, errs, wall
 
@@ -228,8 +251,7 @@ async def _conc(addr, n, c, keep=None):
             try:
                 lats.append(await _one(loop, addr, keep))
             except Exception as e:
-                k = type(e).__name__
-                errs[k] = errs.get(k, 0) + 1
+                _count_err(errs, e)
 
     t0 = time.perf_counter()
     await asyncio.gather(*(worker() for _ in range(c)))
@@ -277,10 +299,24 @@ def main():
         metavar="HOST:PORT",
         help="send 'HN/1 CONNECT HOST:PORT' and the payload in one write, expect 'HN/1 200'",
     )
+    ap.add_argument(
+        "--homenet-route",
+        default="",
+        metavar="HOP/HOP/...",
+        help="one 'HN/1 CONNECT HOP' line per hop, all pipelined with the payload in one write; "
+        "expect one 'HN/1 200' line per hop (e.g. home/127.0.0.1:7001 through a relay)",
+    )
     a = ap.parse_args()
-    global CONNECT_REQ, HN_REQ
-    if a.homenet:
-        HN_REQ = (f"HN/1 CONNECT {a.homenet}\n").encode()
+    global CONNECT_REQ, HN_REQ, HN_HOPS
+    if a.homenet and a.homenet_route:
+        ap.error("--homenet and --homenet-route are exclusive")
+    route = a.homenet_route or a.homenet
+    if route:
+        hops = [h for h in route.split("/") if h]
+        if not hops:
+            ap.error("empty --homenet-route")
+        HN_REQ = "".join(f"HN/1 CONNECT {h}\n" for h in hops).encode()
+        HN_HOPS = len(hops)
     if a.http_connect:
         CONNECT_REQ = (f"CONNECT {a.http_connect} HTTP/1.1\r\nHost: {a.http_connect}\r\n\r\n").encode()
     n = a.n or (1000 if a.mode == "hold" else 2000)
@@ -295,8 +331,8 @@ def main():
     out = {"mode": a.mode, "target": a.target, "label": a.label, "n": n}
     if a.http_connect:
         out["http_connect"] = a.http_connect
-    if a.homenet:
-        out["homenet"] = a.homenet
+    if route:
+        out["homenet"] = route
     if sampler:
         out["mem_before"] = sampler.sample()
         sampler.peak = {g: {} for g in groups}
@@ -334,6 +370,8 @@ def main():
             "conn_per_s": round(len(lats) / wall, 1) if wall > 0 else None,
         }
     )
+    if FIRST_ERRORS:
+        out["first_errors"] = FIRST_ERRORS
     out.update(lat_summary(lats))
     print(json.dumps(out))
 

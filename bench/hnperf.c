@@ -8,14 +8,22 @@
  *         'S'  the client sends; the sink reads and discards, and when the client
  *              half-closes it answers with the byte count it received (8 bytes, big endian).
  *         'R'  the sink sends 128 KiB blocks until the client closes.
+ *         'M'  like 'S', but the end is an in-band marker instead of a half-close: the
+ *              client sends only 'z' bytes, then one 'E'; when a read ends with 'E' the
+ *              sink answers with the count of bytes before it. For relays that do not
+ *              carry a half-close (frp closes both directions on the client's FIN).
  *
- *   hnperf client HOST:PORT [-P streams] [-t seconds] [-R] [--homenet TARGET]
- *                           [--label TEXT] [-l blocksize]
+ *   hnperf client HOST:PORT [-P streams] [-t seconds] [-R|-M] [--homenet TARGET]
+ *                           [--homenet-route HOP/HOP/...] [--label TEXT] [-l blocksize]
  *       Opens P streams to HOST:PORT. With --homenet, each stream first writes
  *       "HN/1 CONNECT TARGET\n" and its mode byte in ONE write (pipelined), then waits
- *       for the node's "HN/1 200 ..." reply line. Then all streams move bytes for t
+ *       for the node's "HN/1 200 ..." reply line. --homenet-route sends one
+ *       "HN/1 CONNECT HOP\n" line per hop (e.g. home/127.0.0.1:5301: relay -> listener
+ *       "home" -> sink), all in the same single write, and waits for one reply line per
+ *       hop (--homenet T = --homenet-route T). Then all streams move bytes for t
  *       seconds from one epoll thread (like iperf3 3.12, which is single-threaded).
- *       Default direction public -> home ('S'); -R is home -> public.
+ *       Default direction public -> home ('S'); -R is home -> public; -M = public -> home
+ *       ending with the marker ('M') instead of a half-close.
  *       Receiver-side figure: 'S' uses the byte counts reported by the sink, divided by
  *       the time from the start of streaming to the arrival of the last count; 'R' uses
  *       the bytes the client received during the t seconds.
@@ -106,7 +114,8 @@ static int sink(const char *host, const char *port) {
             if (evs[i].events & (EPOLLIN | EPOLLHUP | EPOLLERR)) {
                 ssize_t r = read(fd, buf, blk);
                 if (r > 0) {
-                    if (cn->mode == 0) {
+                    int first = cn->mode == 0;
+                    if (first) {
                         cn->mode = buf[0];
                         cn->n = r - 1;
                         if (cn->mode == 'R') {
@@ -115,6 +124,14 @@ static int sink(const char *host, const char *port) {
                         }
                     } else {
                         cn->n += r;
+                    }
+                    if (cn->mode == 'M' && (r > 1 || !first) && buf[r - 1] == 'E') {
+                        uint64_t v = cn->n - 1;  /* bytes before the marker */
+                        uint8_t be[8];
+                        for (int b = 0; b < 8; b++) be[b] = (uint8_t)(v >> (56 - 8 * b));
+                        ssize_t w = write(fd, be, 8);  /* 8 bytes into an idle socket */
+                        (void)w;
+                        cn->n = 0;
                     }
                 } else if (r == 0 || (errno != EAGAIN && errno != EINTR)) {
                     if (r == 0 && cn->mode == 'S') {
@@ -138,21 +155,25 @@ struct stream { int fd; uint64_t sent, recvd, reported; int done; };
 
 static int client(int argc, char **argv) {
     const char *target = NULL, *homenet = NULL, *label = "";
-    int P = 1, reverse = 0;
+    int P = 1, reverse = 0, marker = 0;
     double T = 10;
     for (int i = 2; i < argc; i++) {
         if (!strcmp(argv[i], "-P") && i + 1 < argc) P = atoi(argv[++i]);
         else if (!strcmp(argv[i], "-t") && i + 1 < argc) T = atof(argv[++i]);
         else if (!strcmp(argv[i], "-l") && i + 1 < argc) blk = (size_t)atol(argv[++i]);
         else if (!strcmp(argv[i], "-R")) reverse = 1;
+        else if (!strcmp(argv[i], "-M")) marker = 1;
         else if (!strcmp(argv[i], "--homenet") && i + 1 < argc) homenet = argv[++i];
         else if (!strncmp(argv[i], "--homenet=", 10)) homenet = argv[i] + 10;
+        else if (!strcmp(argv[i], "--homenet-route") && i + 1 < argc) homenet = argv[++i];
+        else if (!strncmp(argv[i], "--homenet-route=", 16)) homenet = argv[i] + 16;
         else if (!strcmp(argv[i], "--label") && i + 1 < argc) label = argv[++i];
         else if (argv[i][0] != '-' && !target) target = argv[i];
         else { fprintf(stderr, "unknown argument %s\n", argv[i]); return 2; }
     }
     if (!target || P < 1 || P > MAXS || T <= 0 || blk < 1 || blk > (64 << 20)) {
-        fprintf(stderr, "usage: hnperf client HOST:PORT [-P n] [-t s] [-R] [--homenet HOST:PORT] [--label X]\n");
+        fprintf(stderr, "usage: hnperf client HOST:PORT [-P n] [-t s] [-R|-M] [--homenet HOST:PORT]"
+                        " [--homenet-route HOP/HOP/...] [--label X]\n");
         return 2;
     }
     buf = realloc(buf, blk);
@@ -160,15 +181,28 @@ static int client(int argc, char **argv) {
     struct sockaddr_in a;
     if (parse_addr(target, &a)) { fprintf(stderr, "bad address %s\n", target); return 2; }
     struct stream st[MAXS];
-    char pre[512];
-    int prelen = 0;
-    if (homenet) prelen = snprintf(pre, sizeof pre - 1, "HN/1 CONNECT %s\n", homenet);
-    pre[prelen++] = reverse ? 'R' : 'S';
+    char pre[2048];
+    int prelen = 0, hops = 0;
+    if (homenet) {  /* one request line per hop of the route, all pipelined */
+        const char *h = homenet;
+        while (*h) {
+            size_t len = strcspn(h, "/");
+            if (len > 0) {
+                if (len > 255 || prelen + len + 16 > sizeof pre) { fprintf(stderr, "route too long\n"); return 2; }
+                prelen += snprintf(pre + prelen, sizeof pre - prelen, "HN/1 CONNECT %.*s\n", (int)len, h);
+                hops++;
+            }
+            h += len + (h[len] == '/');
+        }
+        if (!hops) { fprintf(stderr, "empty route\n"); return 2; }
+    }
+    if (reverse && marker) { fprintf(stderr, "-R and -M are exclusive\n"); return 2; }
+    pre[prelen++] = reverse ? 'R' : marker ? 'M' : 'S';
     for (int i = 0; i < P; i++) {
         int fd = socket(AF_INET, SOCK_STREAM, 0);
         if (connect(fd, (struct sockaddr *)&a, sizeof a)) die(label, "connect");
         if (write(fd, pre, prelen) != prelen) die(label, "write preamble");  /* one write */
-        if (homenet) {  /* read the reply line byte by byte so no payload is eaten */
+        for (int h = 0; h < hops; h++) {  /* read each reply line byte by byte: no payload is eaten */
             char line[256];
             int n = 0;
             while (n < (int)sizeof line - 1) {
@@ -179,7 +213,7 @@ static int client(int argc, char **argv) {
             line[n] = 0;
             if (strncmp(line, "HN/1 200", 8)) {
                 line[strcspn(line, "\r\n\"\\")] = 0;
-                printf("{\"label\": \"%s\", \"error\": \"refused: %s\"}\n", label, line);
+                printf("{\"label\": \"%s\", \"error\": \"refused at hop %d: %s\"}\n", label, h + 1, line);
                 return 1;
             }
         }
@@ -201,8 +235,15 @@ static int client(int argc, char **argv) {
             tstop = tn;
             if (reverse) break;
             phase = 1;
-            for (int i = 0; i < P; i++) {  /* half-close, then wait for each count */
-                shutdown(st[i].fd, SHUT_WR);
+            for (int i = 0; i < P; i++) {  /* half-close (or marker), then wait for each count */
+                if (marker) {
+                    int fl = fcntl(st[i].fd, F_GETFL);  /* blocking: the marker must go out whole */
+                    fcntl(st[i].fd, F_SETFL, fl & ~O_NONBLOCK);
+                    if (write(st[i].fd, "E", 1) != 1) die(label, "write marker");
+                    fcntl(st[i].fd, F_SETFL, fl);
+                } else {
+                    shutdown(st[i].fd, SHUT_WR);
+                }
                 struct epoll_event ev = {.events = EPOLLIN, .data.u32 = i};
                 epoll_ctl(ep, EPOLL_CTL_MOD, st[i].fd, &ev);
             }
@@ -248,9 +289,9 @@ static int client(int argc, char **argv) {
     }
     double el = reverse ? tstop - t0 : tfin - t0;
     printf("{\"tool\": \"hnperf\", \"target\": \"%s\", \"homenet\": \"%s\", \"label\": \"%s\", \"P\": %d, "
-           "\"t\": %g, \"reverse\": %s, \"gbit_s\": %.3f, \"sender_gbit_s\": %.3f, \"bytes\": %llu, "
+           "\"t\": %g, \"reverse\": %s, \"marker\": %s, \"gbit_s\": %.3f, \"sender_gbit_s\": %.3f, \"bytes\": %llu, "
            "\"elapsed_s\": %.3f, \"drain_s\": %.3f}\n",
-           target, homenet ? homenet : "", label, P, T, reverse ? "true" : "false",
+           target, homenet ? homenet : "", label, P, T, reverse ? "true" : "false", marker ? "true" : "false",
            rcv * 8 / el / 1e9, reverse ? rcv * 8 / el / 1e9 : sent * 8 / (tstop - t0) / 1e9,
            (unsigned long long)rcv, el, reverse ? 0.0 : tfin - tstop);
     return 0;
@@ -262,6 +303,7 @@ int main(int argc, char **argv) {
     memset(buf, 'z', blk);
     if (argc >= 4 && !strcmp(argv[1], "sink")) return sink(argv[2], argv[3]);
     if (argc >= 3 && !strcmp(argv[1], "client")) return client(argc, argv);
-    fprintf(stderr, "usage: hnperf sink HOST PORT | hnperf client HOST:PORT [-P n] [-t s] [-R] [--homenet HOST:PORT]\n");
+    fprintf(stderr, "usage: hnperf sink HOST PORT | hnperf client HOST:PORT [-P n] [-t s] [-R|-M] [--homenet HOST:PORT]"
+                    " [--homenet-route HOP/HOP/...]\n");
     return 2;
 }

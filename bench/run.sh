@@ -23,6 +23,7 @@
 #                   way ssh/iperf3/browsers use HomeNet)
 # Throughput: iperf3 for direct/haproxy/homenet-listen; hnperf (bench/hnperf.c, the same tool
 # for every row) for direct/haproxy/homenet. Memory: a fresh node (and listen) per hold run.
+# shellcheck source-path=SCRIPTDIR
 set -u
 HERE=$(cd "$(dirname "$0")" && pwd)
 ROOT=$(cd "$HERE/.." && pwd)
@@ -38,72 +39,20 @@ read -r -a SYSTEMS <<<"${SYSTEMS:-direct haproxy homenet homenet-listen}"
 H=127.0.0.1
 NODE_PORT=16969 HOLD_NODE_PORT=16970
 L_ECHO=18001 L_IPERF=18201 HOLD_L_ECHO=18002
-PORTS="7001 5201 5301 27001 25201 25301 $NODE_PORT $HOLD_NODE_PORT $L_ECHO $L_IPERF $HOLD_L_ECHO"
+PORTS=(7001 5201 5301 27001 25201 25301 "$NODE_PORT" "$HOLD_NODE_PORT" "$L_ECHO" "$L_IPERF" "$HOLD_L_ECHO")
 
 mkdir -p "$OUT" "$RUN" "$LOG"
 ulimit -n 20000 2>/dev/null || true
-log() { printf '[%s] %s\n' "$(date +%T)" "$*" >&2; }
-
-for p in $PORTS; do
-    if ss -ltn "sport = :$p" | grep -q LISTEN; then
-        echo "port $p on $H is already in use (a previous run? try: BP=$BP $HERE/peers.sh stop)" >&2
-        exit 1
-    fi
-done
-
-# -- processes we start: PID files in $RUN, so `peers.sh stop` also stops them ----------------
-STARTED=()
-alive() { [ -r "/proc/$1/stat" ] && [ "$(sed 's/.*) //' "/proc/$1/stat" | cut -c1)" != Z ]; }
-stop_pid() {  # stop_pid PID : TERM, wait up to 5 s, then KILL; reap it (our child)
-    local pid=$1
-    kill "$pid" 2>/dev/null || return 0
-    for _ in $(seq 1 50); do alive "$pid" || break; sleep 0.1; done
-    alive "$pid" && kill -9 "$pid" 2>/dev/null
-    wait "$pid" 2>/dev/null || true
-}
-stop_hn() {  # stop_hn NAME : stop one HomeNet process started by start_hn
-    local f=$RUN/$1.pid
-    [ -e "$f" ] || return 0
-    stop_pid "$(cat "$f")"
-    rm -f "$f"
-}
-cleanup() {
-    trap - EXIT INT TERM
-    for name in "${STARTED[@]}"; do stop_hn "$name"; done
-    "$HERE/peers.sh" stop >/dev/null
-}
-trap cleanup EXIT
-trap 'exit 130' INT TERM
-
-start_hn() {  # start_hn NAME WANT_LINE ARGS... : start a homenet process, wait for its ready line
-    local name=$1 want=$2; shift 2
-    : >"$LOG/$name.out"
-    "$HN" "$@" >>"$LOG/$name.out" 2>&1 &
-    echo $! >"$RUN/$name.pid"
-    STARTED+=("$name")
-    for _ in $(seq 1 200); do
-        grep -q "^$want" "$LOG/$name.out" && return 0
-        alive "$(cat "$RUN/$name.pid")" || break
-        sleep 0.1
-    done
-    echo "homenet $name did not become ready:" >&2
-    cat "$LOG/$name.out" >&2
-    exit 1
-}
-pid() { cat "$RUN/$1.pid"; }
-start_node() {  # start_node NAME PORT
-    start_hn "$1" READY node --bind $H --port "$2" --allow 127.0.0.1/32 --no-mdns --log-level warning
-}
-start_listen() {  # start_listen NAME NODE_PORT TARGET_PORT LOCAL_PORT
-    start_hn "$1" LISTENING listen "hn://$H:$2/$H:$3" --bind $H --port "$4" --log-level warning
-}
+# shellcheck source=lib.sh
+. "$HERE/lib.sh"
+check_ports "${PORTS[@]}"
 
 # -- CPU seconds used by relay processes during one measurement --------------------------------
 cpu_s() {  # cpu_s PID... : utime+stime of the processes, in seconds
     local total=0 p f
     for p in "$@"; do
         [ -r "/proc/$p/stat" ] || continue
-        f=$(sed 's/.*) //' "/proc/$p/stat")
+        f=$(sed 's/.*) //' "/proc/$p/stat" 2>/dev/null) || continue
         # fields after "comm": state=1 ... utime=12 stime=13
         total=$(( total + $(echo "$f" | awk '{print $12 + $13}') ))
     done
@@ -116,9 +65,23 @@ relay_pids() {  # relay_pids SYSTEM
     homenet-listen) echo "$(pid node) $(pid listen_echo) $(pid listen_iperf)" ;;
     esac
 }
+ensure_up() {  # restart the long-lived HomeNet processes if one has died (and record it)
+    local name restarted=0
+    for name in node listen_echo listen_iperf; do
+        died $name "$OUT/events.txt" && restarted=1
+    done
+    [ $restarted = 1 ] || return 0
+    for name in listen_echo listen_iperf; do stop_hn $name; done
+    stop_hn node
+    start_node node $NODE_PORT
+    start_listen listen_echo $NODE_PORT 7001 $L_ECHO
+    start_listen listen_iperf $NODE_PORT 5201 $L_IPERF
+    echo "restarted node and listen processes at $(date +%T)" | tee -a "$OUT/events.txt" >&2
+}
 measure() {  # measure FILE LABEL SYSTEM CMD... : run CMD, append its JSON, record relay CPU
     local file=$1 label=$2 sys=$3; shift 3
     local pids c0 c1 t0 t1
+    case $sys in homenet*) ensure_up ;; esac
     read -r -a pids <<<"$(relay_pids "$sys")"
     c0=$(cpu_s "${pids[@]}"); t0=$(date +%s.%N)
     "$@" | tee -a "$OUT/$file" | cut -c1-220 >&2
@@ -140,7 +103,7 @@ log "node pid $(pid node), listen pids $(pid listen_echo) $(pid listen_iperf) ->
     echo "date: $(date -Is)"; echo "host: $(uname -srm), $(nproc) cpus"
     echo "homenet: $("$HN" --version 2>&1) ($(git -C "$ROOT" rev-parse --short HEAD 2>/dev/null)$(git -C "$ROOT" diff --quiet -- homenet 2>/dev/null || echo '+dirty'))"
     echo "haproxy: $(haproxy -v | head -1)"; echo "iperf3: $(iperf3 --version | head -1)"
-    echo "python: $("$PY" -V 2>&1)"
+    echo "python: $("$PY" -V 2>&1)"; echo "load average at start: $(cut -d' ' -f1-3 /proc/loadavg)"
     echo "REPS=$REPS T=$T N=$N C=$C HOLD_N=$HOLD_N PHASES=$PHASES TPUT_MODES=$TPUT_MODES SYSTEMS=${SYSTEMS[*]}"
 } >"$OUT/env.txt"
 
@@ -186,18 +149,19 @@ for phase in $PHASES; do
         hold=("$PY" "$HERE/bench_conn.py" hold -n "$HOLD_N" -c "$C" --label "$s#$rep#hold")
         case $s in
         haproxy)  # long-lived (it has served the other phases): reference only
-          hold+=($H:27001 --server-pids "$(pid haproxy)") ;;
+          hold+=("$H:27001" --server-pids "$(pid haproxy)") ;;
         homenet)  # fresh node process
           start_node node_hold $HOLD_NODE_PORT
-          hold+=($H:$HOLD_NODE_PORT --homenet=$H:7001 --server-pids "$(pid node_hold)") ;;
+          hold+=("$H:$HOLD_NODE_PORT" "--homenet=$H:7001" --server-pids "$(pid node_hold)") ;;
         homenet-listen)  # fresh node + fresh listen; server = node, client = listen
           start_node node_hold $HOLD_NODE_PORT
           start_listen listen_hold $HOLD_NODE_PORT 7001 $HOLD_L_ECHO
-          hold+=($H:$HOLD_L_ECHO --server-pids "$(pid node_hold)" --client-pids "$(pid listen_hold)") ;;
+          hold+=("$H:$HOLD_L_ECHO" --server-pids "$(pid node_hold)" --client-pids "$(pid listen_hold)") ;;
         *) continue ;;
         esac
         sleep 1
         timeout 300 "${hold[@]}" | tee -a "$OUT/hold.jsonl" | cut -c1-220 >&2
+        for name in listen_hold node_hold; do died $name "$OUT/events.txt"; done
         stop_hn listen_hold; stop_hn node_hold
         sleep 2
       done ;;
@@ -205,8 +169,13 @@ for phase in $PHASES; do
   done
 done
 
+ensure_up
 for f in "$LOG"/node*.out "$LOG"/listen*.out; do  # anything the node logged at warning+
     [ -s "$f" ] && grep -v -e '^READY' -e '^LISTENING' "$f" | head -5 | sed "s|^|$(basename "$f"): |" >&2
 done
 "$PY" "$HERE/summarize.py" "$OUT" | tee "$OUT/summary.txt"
+if [ -s "$OUT/events.txt" ]; then
+    echo; echo "EVENTS (a HomeNet process died during the run; measurements after it used a restarted one):"
+    cat "$OUT/events.txt"
+fi | tee -a "$OUT/summary.txt"
 echo "results: $OUT" >&2
