@@ -272,11 +272,6 @@ class Relay:
         sock = self._take_parked(lst)
         if sock is None:
             sock = await self._dial_back(lst, session, hs.peer)
-        try:
-            await asyncio.get_running_loop().sock_sendall(sock, encode_reply(Code.OK, f"hop={depth}"))
-        except OSError as exc:
-            sock.close()
-            raise RouteError(Code.BAD_GATEWAY, f"listener {lst.listen_id} connection failed: {exc}") from None
         lst.active += 1
         lst.total += 1
 
@@ -285,7 +280,8 @@ class Relay:
             lst.bytes_up += info.bytes_up
             lst.bytes_down += info.bytes_down
 
-        return Target(sock, f"listener {lst.listen_id}", done)
+        # the activation line goes out with the client's first bytes, in one send
+        return Target(sock, f"listener {lst.listen_id}", done, greeting=encode_reply(Code.OK, f"hop={depth}"))
 
     async def _dial_back(self, lst: Listener, session: ListenerSession, client: str) -> socket.socket:
         fut: asyncio.Future[socket.socket] = asyncio.get_running_loop().create_future()

@@ -102,6 +102,8 @@ class Target:
     sock: socket.socket
     dialed: str
     on_close: Callable[[SessionInfo], None] | None = None
+    #: Bytes for the target before the client's (a listener's activation line): one send.
+    greeting: bytes = b""
 
 
 @dataclass(slots=True)
@@ -464,8 +466,8 @@ class Node:
         info = SessionInfo(next(self._ids), hs.peer, name, target.dialed, time.time())
         try:
             await send_all(hs.sock, _OK)
-            if hs.trailing:
-                await send_all(target.sock, hs.trailing)
+            if target.greeting or hs.trailing:
+                await send_all(target.sock, target.greeting + hs.trailing)
         except BaseException:
             target.sock.close()
             if target.on_close is not None:
