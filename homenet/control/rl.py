@@ -190,7 +190,7 @@ class RLClient:
             ],
         )
         remote: RemoteListen | None = None
-        self.registered_once_this_session = False
+        registered = False  # a refusal after a good registration is not a refusal of it
         write_lock = asyncio.Lock()
         metadata = call_metadata(self.opts.creds, "/homenet.v1.RelayService/Listen")
         call = relay_pb2_grpc.RelayServiceStub(channel).Listen(metadata=metadata)  # type: ignore[call-arg]
@@ -213,7 +213,7 @@ class RLClient:
             self.listen_id = reg.listen_id
             self.state.save(reg.listen_id, reg.resume_secret)
             self._ever_registered = True
-            self.registered_once_this_session = True
+            registered = True
             self.registered.set()
             log.info("rl.registered", extra=fields(url=self.url, pool=reg.pool_size))
             self.announce(f"LISTENING {self.url}")
@@ -243,7 +243,7 @@ class RLClient:
                 elif kind == "query":
                     remote.spawn(self._answer(msg.query, send))
         except grpc.aio.AioRpcError as exc:
-            if exc.code() in _FATAL and not self.registered_once_this_session:
+            if exc.code() in _FATAL and not registered:
                 message = f"relay {self.opts.route} refused {listen_id or 'registration'}: {exc.details()}"
                 if not self._ever_registered:
                     raise Refused(message) from None
