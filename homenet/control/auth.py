@@ -73,7 +73,7 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
         except AuthError as exc:
             peer = real_peer(self.node, context.peer())
             if not exc.forbidden:
-                src = source_of(peer.rsplit(":", 1)[0].strip("[]"))
+                src = source_of(peer)
                 if self.node.limiter.failed(src):
                     log.warning("auth.source_blocked", extra=fields(source=src))
             log.info("auth.refused", extra=fields(method=method, peer=peer, reason=exc.reason))

@@ -35,7 +35,7 @@ from homenet import __version__
 from homenet.node.address import Endpoint
 from homenet.node.dialer import Dialed, Dialer, DialError
 from homenet.node.log import fields
-from homenet.node.policy import TargetPolicy
+from homenet.node.policy import TargetPolicy, interface_addresses
 
 log = logging.getLogger("homenet.discovery")
 
@@ -191,16 +191,9 @@ def advertised_addresses(interfaces: list[str] | None) -> list[bytes]:
     """Packed addresses to put in our own A records."""
     if interfaces:
         return [ipaddress.ip_address(a).packed for a in interfaces if ":" not in a]
-    import ifaddr
-
-    out: list[bytes] = []
-    for adapter in ifaddr.get_adapters():
-        for ip in adapter.ips:
-            if isinstance(ip.ip, str):
-                addr = ipaddress.IPv4Address(ip.ip)
-                if not addr.is_loopback and not addr.is_link_local:
-                    out.append(addr.packed)
-    return out
+    return [
+        i.ip.packed for i in interface_addresses() if i.version == 4 and not (i.ip.is_loopback or i.ip.is_link_local)
+    ]
 
 
 class Discovery:

@@ -81,36 +81,33 @@ def parse_rule(spec: str, lan: Callable[[], Iterable[IPNetwork]]) -> list[IPNetw
     return [net]
 
 
-def lan_networks() -> list[IPNetwork]:
-    """The private subnets of this host's interfaces (what ``--allow lan`` means)."""
+def interface_addresses() -> list[ipaddress.IPv4Interface | ipaddress.IPv6Interface]:
+    """Every address of this host's interfaces, with its prefix (zone ids dropped)."""
     import ifaddr
 
-    nets: list[IPNetwork] = []
+    out: list[ipaddress.IPv4Interface | ipaddress.IPv6Interface] = []
     for adapter in ifaddr.get_adapters():
         for ip in adapter.ips:
             host = ip.ip[0] if isinstance(ip.ip, tuple) else ip.ip
             try:
-                net = ipaddress.ip_network(f"{host}/{ip.network_prefix}", strict=False)
+                out.append(ipaddress.ip_interface(f"{host.split('%', 1)[0]}/{ip.network_prefix}"))
             except ValueError:
                 continue
-            if net.is_private and not (net.is_loopback or net.is_link_local):
-                nets.append(net)
-    return nets
+    return out
+
+
+def lan_networks() -> list[IPNetwork]:
+    """The private subnets of this host's interfaces (what ``--allow lan`` means)."""
+    return [
+        i.network
+        for i in interface_addresses()
+        if i.network.is_private and not (i.network.is_loopback or i.network.is_link_local)
+    ]
 
 
 def local_addresses() -> list[IPAddress]:
     """Every address of this host's interfaces (what a wildcard bind listens on)."""
-    import ifaddr
-
-    out: list[IPAddress] = []
-    for adapter in ifaddr.get_adapters():
-        for ip in adapter.ips:
-            host = ip.ip[0] if isinstance(ip.ip, tuple) else ip.ip
-            try:
-                out.append(normalise(ipaddress.ip_address(host.split("%", 1)[0])))
-            except ValueError:
-                continue
-    return out
+    return [normalise(i.ip) for i in interface_addresses()]
 
 
 @dataclass(frozen=True)

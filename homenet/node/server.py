@@ -456,7 +456,7 @@ class Node:
             return self.verifier.verify(f"HN/1 {req.verb.value} {req.arg}", req.fields, role)
         except AuthError as exc:
             if not exc.forbidden:
-                src = hs.source or source_of(hs.peer.rsplit(":", 1)[0].strip("[]"))
+                src = hs.source or source_of(hs.peer)
                 if self.limiter.failed(src):
                     log.warning("auth.source_blocked", extra=fields(source=src))
             raise RouteError(Code.FORBIDDEN if exc.forbidden else Code.UNAUTHORIZED, exc.reason) from None

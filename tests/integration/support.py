@@ -25,7 +25,7 @@ from homenet.control.v1 import node_pb2, node_pb2_grpc
 from homenet.node.auth import Credentials
 from homenet.node.keys import client_key
 from tests.conftest import StartNode
-from tests.helpers import NodeProc, proc_env, spawn
+from tests.helpers import EchoServer, NodeProc, proc_env, spawn
 
 #: Upper bound of any single wait in these tests (the node answers in milliseconds).
 TIMEOUT = 10.0
@@ -157,14 +157,8 @@ async def start_chain(start_node: StartNode) -> list[NodeProc]:
 
 
 # -- targets -----------------------------------------------------------------------------------
-@dataclass
-class HashServer:
+class HashServer(EchoServer):
     """Reads until EOF, then answers ``<length> <sha256 hex>\\n`` and closes (half-close probe)."""
-
-    host: str = "127.0.0.1"
-    port: int = 0
-    connections: int = 0
-    server: asyncio.Server | None = None
 
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self.connections += 1
@@ -183,10 +177,6 @@ class HashServer:
             with contextlib.suppress(OSError):
                 await writer.wait_closed()
 
-    @property
-    def endpoint(self) -> str:
-        return f"{self.host}:{self.port}"
-
     @staticmethod
     def answer(data: bytes) -> bytes:
         """What the server sends back for ``data``."""
@@ -196,13 +186,11 @@ class HashServer:
 @contextlib.asynccontextmanager
 async def hash_server(host: str = "127.0.0.1") -> AsyncIterator[HashServer]:
     srv = HashServer(host)
-    srv.server = await asyncio.start_server(srv._handle, host, 0)
-    srv.port = srv.server.sockets[0].getsockname()[1]
+    await srv.start()
     try:
         yield srv
     finally:
-        srv.server.close()
-        await srv.server.wait_closed()
+        await srv.close()
 
 
 @contextlib.contextmanager

@@ -28,6 +28,8 @@ async def _new_sessions_refused(node: NodeProc) -> str:
                 conn = await node_conn(node)
             except ConnectionRefusedError:
                 return "connection refused"
+            except ConnectionResetError:  # it was in the backlog when the listener closed
+                return "connection reset"
             try:
                 await conn.send(request(f"127.0.0.1:{dead}"))
                 reply = await conn.reply()
