@@ -73,16 +73,27 @@ class SourceLimiter:
 
     def admit(self, source: str) -> str | None:
         """Start a handshake for ``source``; returns why not, or None (then call :meth:`release`)."""
+        why = self.refusal(source)
+        if why is None and self.full:
+            why = "too many connections in handshake"
+        if why is None:
+            self.pending[source] = self.pending.get(source, 0) + 1
+            self.total += 1
+        return why
+
+    def refusal(self, source: str) -> str | None:
+        """Why ``source`` itself may not start a handshake now (blocked, or at its own cap)."""
         rec = self._records.get(source)
         if rec is not None and rec.blocked_until > self.clock():
             return "source blocked after repeated failed authentication"
-        if self.total >= self.max_total:
-            return "too many connections in handshake"
         if self.pending.get(source, 0) >= self.max_per_source + self.expected.get(source, 0):
             return "too many connections in handshake from this source"
-        self.pending[source] = self.pending.get(source, 0) + 1
-        self.total += 1
         return None
+
+    @property
+    def full(self) -> bool:
+        """The global cap is reached: a new handshake needs an old one dropped first."""
+        return self.total >= self.max_total
 
     def expect(self, source: str) -> None:
         self.expected[source] = self.expected.get(source, 0) + 1

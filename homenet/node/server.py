@@ -77,9 +77,9 @@ class RouteError(Exception):
         self.reason = reason
 
 
-@dataclass(slots=True)
+@dataclass(slots=True, eq=False)
 class Handshake:
-    """What the node knows of a connection before it is spliced."""
+    """What the node knows of a connection before it is spliced (hashed by identity)."""
 
     sock: socket.socket
     peer: str
@@ -93,6 +93,8 @@ class Handshake:
     source: str | None = None
     #: ALPN protocol the client chose, when the connection came over TLS.
     alpn: str = ""
+    #: The task serving this handshake (cancelled when the node drops it to make room).
+    task: asyncio.Task[None] | None = field(default=None, repr=False)
 
 
 @dataclass(slots=True)
@@ -186,6 +188,10 @@ class Node:
         self._address: Endpoint | None = None
         self._accept_paused = False
         self._handshakes: set[asyncio.Task[None]] = set()
+        #: Admitted handshakes still reading their preamble, by source, oldest first: the
+        #: ones the node may drop when the global cap is full (see :meth:`_make_room`).
+        self._droppable: dict[str, dict[Handshake, None]] = {}
+        self.dropped = 0
         self._control: set[Splice] = set()
         self._control_peers: dict[int, str] = {}
         self._idle = asyncio.Event()
@@ -285,9 +291,6 @@ class Node:
         assert self._lsock is not None
         assert self._loop is not None
         for _ in range(_ACCEPT_BURST):
-            if self.limiter.total >= self.limiter.max_total:
-                self._pause_accepting(None)  # the kernel backlog holds the rest until we catch up
-                return
             try:
                 sock, addr = self._lsock.accept()
             except (BlockingIOError, InterruptedError):
@@ -297,7 +300,11 @@ class Node:
                 self._pause_accepting(_ACCEPT_PAUSE)
                 return
             source = source_of(str(addr[0]))
-            why = self.limiter.admit(source)
+            why = self.limiter.refusal(source)
+            if why is None and self.limiter.full and not self._make_room():
+                why = "too many connections in handshake"
+            if why is None:
+                why = self.limiter.admit(source)
             if why is not None:
                 self.counters.refused += 1
                 with contextlib.suppress(OSError):
@@ -307,14 +314,48 @@ class Node:
             tune(sock)
             self.serve_accepted(sock, _peer_str(addr), source=source)
 
-    def _pause_accepting(self, seconds: float | None) -> None:
-        """Stop watching the listening socket: for ``seconds``, or (None) until a handshake ends."""
+    def _make_room(self) -> bool:
+        """The handshake cap is full: drop one handshake still in its preamble, so a new
+        connection is never stalled behind slow ones (OpenSSH MaxStartups-style early drop).
+
+        The victim is the oldest of the source holding the most such handshakes: a flood
+        from many sources pays for itself, a client with one connection is dropped last.
+        False when every handshake is past its preamble (then the newcomer is refused).
+        """
+        if not self._droppable:
+            return False
+        src = max(self._droppable, key=lambda s: len(self._droppable[s]))
+        victim = next(iter(self._droppable[src]))
+        self._settle(victim)
+        assert victim.source is not None
+        self.limiter.release(victim.source)
+        victim.source = None
+        self.dropped += 1
+        self.counters.refused += 1
+        if self.tls is None:  # a plaintext client learns why (best effort, never waits)
+            with contextlib.suppress(OSError):
+                victim.sock.send(encode_reply(Code.TOO_MANY, "dropped to make room: node at its handshake cap"))
+        if victim.task is not None:
+            victim.task.cancel()  # its finally closes the socket
+        return True
+
+    def _settle(self, hs: Handshake) -> None:
+        """``hs`` is past its preamble (or gone): it may no longer be dropped to make room."""
+        if hs.source is None:
+            return
+        bucket = self._droppable.get(hs.source)
+        if bucket is not None:
+            bucket.pop(hs, None)
+            if not bucket:
+                del self._droppable[hs.source]
+
+    def _pause_accepting(self, seconds: float) -> None:
+        """Stop watching the listening socket for ``seconds`` (out of descriptors)."""
         if self._lsock is None or self._loop is None or self._accept_paused:
             return
         self._accept_paused = True
         self._loop.remove_reader(self._lsock.fileno())
-        if seconds is not None:
-            self._loop.call_later(seconds, self._resume_accepting)
+        self._loop.call_later(seconds, self._resume_accepting)
 
     def _resume_accepting(self) -> None:
         if self._accept_paused and self._lsock is not None and self._loop is not None:
@@ -330,9 +371,12 @@ class Node:
         the end of the handshake).
         """
         assert self._loop is not None
-        task = self._loop.create_task(self._handshake(Handshake(sock, peer, buf, depth, source=source)))
+        hs = Handshake(sock, peer, buf, depth, source=source)
+        hs.task = task = self._loop.create_task(self._handshake(hs))
         self._handshakes.add(task)
         task.add_done_callback(self._handshakes.discard)
+        if source is not None:
+            self._droppable.setdefault(source, {})[hs] = None
 
     async def _handshake(self, hs: Handshake) -> None:
         spliced = False
@@ -359,6 +403,7 @@ class Node:
                     parser.receive_data(await recv_some(hs.sock, _RECV))
                 assert isinstance(event, Request)
                 hs.request, hs.trailing = event, parser.trailing()
+                self._settle(hs)
             spliced = await self._route(hs)
         except ProtocolError as exc:
             self._refuse(hs, exc.code, exc.reason)
@@ -375,9 +420,8 @@ class Node:
             log.exception("handshake.bug", extra=fields(peer=hs.peer))
         finally:
             if hs.source is not None:
+                self._settle(hs)
                 self.limiter.release(hs.source)
-                if self._accept_paused and self.limiter.total < self.limiter.max_total:
-                    self._resume_accepting()
             if not spliced:
                 hs.sock.close()
 
@@ -440,10 +484,9 @@ class Node:
         """A connection proved it is a listener's own (a good ticket): it no longer counts
         against its source's handshake cap (a burst of dial-backs is not an attack)."""
         if hs.source is not None:
+            self._settle(hs)
             self.limiter.release(hs.source)
             hs.source = None
-            if self._accept_paused and self.limiter.total < self.limiter.max_total:
-                self._resume_accepting()
 
     def authorize(self, hs: Handshake, role: str) -> Key:
         """The key that signed this request, if it holds ``role``; else an error reply.

@@ -13,6 +13,7 @@ import asyncio
 import contextlib
 import datetime
 import ipaddress
+import json
 import re
 import ssl
 import stat
@@ -549,6 +550,58 @@ async def test_slowloris_is_cut_at_the_deadline_while_a_client_is_served(secure:
     bad = [e for e in endings if not e.startswith(b"HN/1 408 timeout ")]
     assert not bad, f"{len(bad)} slow sockets ended otherwise, e.g. {bad[:3]}"
     await wait_fds_back(pid, baseline, "after 1,000 slowloris sockets")
+
+
+ATTACK = Path(__file__).resolve().parents[2] / "bench" / "slowloris.py"
+ATTACK_SOCKETS, ATTACK_SOURCES = 1000, 100  # 10 per source: far under the per-source cap of 64
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+async def test_a_full_handshake_cap_drops_slow_ones_and_never_stalls_a_client(secure: Start, tmp_path: Path) -> None:
+    """1,000 slow sockets from 100 sources (reconnecting when dropped) against the default cap
+    of 256: a real client is still served in well under 200 ms, every time, and the one slow
+    client of a quiet source is not the one dropped."""
+    keys = make_keys(tmp_path, alice=["connect"])
+    node = await secure("--allow", "127.0.0.1/32", "--handshake-timeout", "8")
+    pid = node.proc.pid
+    baseline = await settled_fds(pid)
+    async with echo_server() as echo:
+        patient = await dial(node.host, node.port, source="127.0.3.3")  # oldest of all, alone in its source
+        line = signed(keys["alice"], echo.endpoint)
+        await patient.send(line[:5])
+        attacker = await asyncio.create_subprocess_exec(
+            sys.executable, str(ATTACK), "attack", node.host, str(node.port), "--sockets", str(ATTACK_SOCKETS),
+            "--sources", str(ATTACK_SOURCES), "--prefix", "127.0.4.",
+            stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
+        )  # fmt: skip
+        assert attacker.stdin is not None
+        assert attacker.stdout is not None
+        try:
+            async with asyncio.timeout(30):
+                assert await attacker.stdout.readline() == f"OPEN {ATTACK_SOCKETS}\n".encode()
+            await held(pid, baseline.sockets + 256)  # the cap is full
+            trips = []
+            for i in range(20):
+                t0 = time.perf_counter()
+                got = await echoed(node, signed(keys["alice"], echo.endpoint), b"legit %d" % i, "127.0.3.2")
+                trips.append(time.perf_counter() - t0)
+                assert got == OK_REPLY + b"legit %d" % i
+            trips.sort()
+            assert trips[-1] < 0.2, f"round trips (s) under the attack: {trips}"
+            # the quiet source's slow client survived the churn and is served when it finishes
+            await patient.send(line[5:] + b"patient")
+            await patient.shutdown_write()
+            assert await patient.until_eof() == OK_REPLY + b"patient"
+        finally:
+            await patient.close()
+            attacker.stdin.close()
+            async with asyncio.timeout(TIMEOUT):
+                out = await attacker.stdout.read()
+                await attacker.wait()
+    report = json.loads(out)
+    dropped = report["endings"].get("HN/1 429 too-many dropped to make room: node at its handshake cap", 0)
+    assert dropped >= ATTACK_SOCKETS - 256, report
+    await wait_fds_back(pid, baseline, "after the handshake-cap attack")
 
 
 async def held(pid: int, sockets: int) -> None:

@@ -242,3 +242,18 @@ def test_caps_hold_whatever_happens(ops: list[tuple[str, int]]) -> None:
         for s, count in held.items():
             assert lim.pending.get(s, 0) == count
         assert all(v > 0 for v in lim.expected.values())
+
+
+def test_refusal_is_the_source_s_own_verdict_and_full_is_the_global_one() -> None:
+    lim = limiter(max_total=2, max_per_source=1)
+    assert lim.refusal("a") is None
+    assert not lim.full
+    assert lim.admit("a") is None
+    assert lim.refusal("a") == PER_SOURCE  # its own cap, whatever the total
+    assert lim.admit("b") is None
+    assert lim.full
+    assert lim.refusal("c") is None  # "c" itself may come in: the node makes room for it
+    assert lim.admit("c") == TOTAL  # ...but admit() alone never goes past the cap
+    lim.release("a")
+    assert not lim.full
+    assert lim.admit("c") is None
