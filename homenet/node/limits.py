@@ -36,6 +36,14 @@ def source_of(host: str) -> str:
     return str(addr)
 
 
+def _decrement(counts: dict[str, int], key: str) -> None:
+    n = counts.get(key, 0) - 1
+    if n <= 0:
+        counts.pop(key, None)
+    else:
+        counts[key] = n
+
+
 @dataclass(slots=True)
 class _Record:
     failures: int = 0
@@ -68,6 +76,8 @@ class SourceLimiter:
         #: Connections this node asked a source to make (a listener's dial-backs and pool):
         #: they raise that source's cap, so a burst of waiting clients is not refused.
         self.expected: dict[str, int] = {}
+        #: Accepted connections waiting for a handshake slot (count against their source's cap).
+        self.queued: dict[str, int] = {}
         self.total = 0
         self._records: OrderedDict[str, _Record] = OrderedDict()
 
@@ -86,9 +96,17 @@ class SourceLimiter:
         rec = self._records.get(source)
         if rec is not None and rec.blocked_until > self.clock():
             return "source blocked after repeated failed authentication"
-        if self.pending.get(source, 0) >= self.max_per_source + self.expected.get(source, 0):
+        held = self.pending.get(source, 0) + self.queued.get(source, 0)
+        if held >= self.max_per_source + self.expected.get(source, 0):
             return "too many connections in handshake from this source"
         return None
+
+    def queue(self, source: str) -> None:
+        """A connection of ``source`` waits for a slot (see :meth:`unqueue`)."""
+        self.queued[source] = self.queued.get(source, 0) + 1
+
+    def unqueue(self, source: str) -> None:
+        _decrement(self.queued, source)
 
     @property
     def full(self) -> bool:
@@ -99,18 +117,10 @@ class SourceLimiter:
         self.expected[source] = self.expected.get(source, 0) + 1
 
     def unexpect(self, source: str) -> None:
-        n = self.expected.get(source, 0) - 1
-        if n <= 0:
-            self.expected.pop(source, None)
-        else:
-            self.expected[source] = n
+        _decrement(self.expected, source)
 
     def release(self, source: str) -> None:
-        n = self.pending.get(source, 0) - 1
-        if n <= 0:
-            self.pending.pop(source, None)
-        else:
-            self.pending[source] = n
+        _decrement(self.pending, source)
         self.total = max(0, self.total - 1)
 
     def blocked(self, source: str) -> bool:

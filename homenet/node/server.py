@@ -16,6 +16,7 @@ import logging
 import secrets
 import socket
 import time
+from collections import deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from ipaddress import ip_address
@@ -61,6 +62,10 @@ _OK = encode_reply(Code.OK)
 _parse_hop = functools.lru_cache(maxsize=4096)(parse_hop)
 #: Seconds to stop accepting after the process ran out of descriptors (or memory).
 _ACCEPT_PAUSE = 0.5
+#: A handshake still without its preamble after this long may be dropped for any newcomer.
+_DROP_AGE = 1.0
+#: Accepted connections that may wait for a handshake slot (what the listen backlog held).
+_WAITING_MAX = 4096
 
 #: Resolves a listenId hop to a connected target (Remote Listen plugs in here).
 ListenerRoute = Callable[["Handshake", ListenId], Awaitable["Target"]]
@@ -95,6 +100,8 @@ class Handshake:
     alpn: str = ""
     #: The task serving this handshake (cancelled when the node drops it to make room).
     task: asyncio.Task[None] | None = field(default=None, repr=False)
+    #: Loop time it was accepted at.
+    since: float = 0.0
 
 
 @dataclass(slots=True)
@@ -191,6 +198,8 @@ class Node:
         #: Admitted handshakes still reading their preamble, by source, oldest first: the
         #: ones the node may drop when the global cap is full (see :meth:`_make_room`).
         self._droppable: dict[str, dict[Handshake, None]] = {}
+        #: Accepted connections waiting for a handshake slot: (socket, peer, source, accepted at).
+        self._waiting: deque[tuple[socket.socket, str, str, float]] = deque()
         self.dropped = 0
         self._control: set[Splice] = set()
         self._control_peers: dict[int, str] = {}
@@ -235,6 +244,10 @@ class Node:
                 self._loop.remove_reader(self._lsock.fileno())
             self._lsock.close()
             self._lsock = None
+        while self._waiting:
+            sock, _, source, _ = self._waiting.popleft()
+            self.limiter.unqueue(source)
+            self._refuse_at_accept(sock, Code.UNAVAILABLE, "node is shutting down; retry on another node")
         self.state = "draining"
 
     async def drain(self, grace: float) -> None:
@@ -301,30 +314,63 @@ class Node:
                 return
             source = source_of(str(addr[0]))
             why = self.limiter.refusal(source)
-            if why is None and self.limiter.full and not self._make_room():
+            if why is None and self.limiter.full and not self._make_room(source):
+                if len(self._waiting) < _WAITING_MAX:
+                    tune(sock)
+                    self.limiter.queue(source)
+                    self._waiting.append((sock, _peer_str(addr), source, self._loop.time()))
+                    continue
                 why = "too many connections in handshake"
             if why is None:
                 why = self.limiter.admit(source)
             if why is not None:
-                self.counters.refused += 1
-                with contextlib.suppress(OSError):
-                    sock.send(encode_reply(Code.TOO_MANY, why))
-                sock.close()
+                self._refuse_at_accept(sock, Code.TOO_MANY, why)
                 continue
             tune(sock)
             self.serve_accepted(sock, _peer_str(addr), source=source)
 
-    def _make_room(self) -> bool:
-        """The handshake cap is full: drop one handshake still in its preamble, so a new
-        connection is never stalled behind slow ones (OpenSSH MaxStartups-style early drop).
+    def _refuse_at_accept(self, sock: socket.socket, code: Code, why: str) -> None:
+        self.counters.refused += 1
+        with contextlib.suppress(OSError):
+            sock.send(encode_reply(code, why))
+        sock.close()
 
-        The victim is the oldest of the source holding the most such handshakes: a flood
-        from many sources pays for itself, a client with one connection is dropped last.
-        False when every handshake is past its preamble (then the newcomer is refused).
+    def _slot_freed(self) -> None:
+        """A handshake slot is free: give it to the longest-waiting connection still in time."""
+        assert self._loop is not None
+        while self._waiting and not self.limiter.full:
+            sock, peer, source, since = self._waiting.popleft()
+            self.limiter.unqueue(source)
+            if self._loop.time() - since >= self.settings.handshake_timeout:
+                self._refuse_at_accept(sock, Code.TIMEOUT, "waited too long for a handshake slot")
+                continue
+            why = self.limiter.admit(source)
+            if why is not None:
+                self._refuse_at_accept(sock, Code.TOO_MANY, why)
+                continue
+            self.serve_accepted(sock, peer, source=source, since=since)
+
+    def _make_room(self, newcomer: str) -> bool:
+        """The handshake cap is full: drop one handshake still in its preamble, so a client
+        is not stalled behind slow sockets (OpenSSH MaxStartups-style early drop).
+
+        The victim is the oldest handshake of the source that holds the most of them, if
+        that source holds at least two more than the newcomer's (a flood from many sources
+        pays for itself; a client with one connection gets in at once). Otherwise, among
+        handshakes older than ``_DROP_AGE`` (a burst of real clients sends its preambles
+        within that), the oldest of the busiest source. False when there is no such victim:
+        the newcomer then waits for a slot (see :meth:`_slot_freed`).
         """
+        assert self._loop is not None
         if not self._droppable:
             return False
         src = max(self._droppable, key=lambda s: len(self._droppable[s]))
+        if len(self._droppable[src]) <= len(self._droppable.get(newcomer, ())) + 1:
+            old_enough = self._loop.time() - _DROP_AGE
+            stale = [s for s, b in self._droppable.items() if next(iter(b)).since <= old_enough]
+            if not stale:
+                return False
+            src = max(stale, key=lambda s: len(self._droppable[s]))
         victim = next(iter(self._droppable[src]))
         self._settle(victim)
         assert victim.source is not None
@@ -363,15 +409,21 @@ class Node:
             self._loop.add_reader(self._lsock.fileno(), self._on_accept)
 
     def serve_accepted(
-        self, sock: socket.socket, peer: str, buf: bytes = b"", depth: int = 0, source: str | None = None
+        self,
+        sock: socket.socket,
+        peer: str,
+        buf: bytes = b"",
+        depth: int = 0,
+        source: str | None = None,
+        since: float | None = None,
     ) -> None:
         """Handle a connection as if accepted on the port (dial-back and pool connections come here).
 
         ``source`` is set when the connection was admitted by the source limiter (released at
-        the end of the handshake).
+        the end of the handshake); ``since`` is when it was accepted (default: now).
         """
         assert self._loop is not None
-        hs = Handshake(sock, peer, buf, depth, source=source)
+        hs = Handshake(sock, peer, buf, depth, source=source, since=self._loop.time() if since is None else since)
         hs.task = task = self._loop.create_task(self._handshake(hs))
         self._handshakes.add(task)
         task.add_done_callback(self._handshakes.discard)
@@ -381,7 +433,7 @@ class Node:
     async def _handshake(self, hs: Handshake) -> None:
         spliced = False
         try:
-            async with asyncio.timeout(self.settings.handshake_timeout):
+            async with asyncio.timeout_at(hs.since + self.settings.handshake_timeout):  # time waited counts
                 if self.tls is not None and hs.source is not None:
                     await self._start_tls(hs)
                 buf = hs.buf
@@ -422,6 +474,7 @@ class Node:
             if hs.source is not None:
                 self._settle(hs)
                 self.limiter.release(hs.source)
+                self._slot_freed()
             if not spliced:
                 hs.sock.close()
 
@@ -487,6 +540,7 @@ class Node:
             self._settle(hs)
             self.limiter.release(hs.source)
             hs.source = None
+            self._slot_freed()
 
     def authorize(self, hs: Handshake, role: str) -> Key:
         """The key that signed this request, if it holds ``role``; else an error reply.

@@ -363,7 +363,7 @@ async def test_a_listen_id_is_claimed_only_with_its_key(secure: Start, tmp_path:
                          env={"HOMENET_KEY": key_env(keys["bob"])})  # fmt: skip
     assert await exit_code(thief) == 1
     line = one_error_line(CliResult(1, b"", thief.stderr()))
-    assert line.endswith("refused alice: key bob may claim only the listenId bob, not alice"), line
+    assert line.endswith("refused alice: key bob may claim only the listenId bob or bob-SUFFIX, not alice"), line
 
     owner = await secure(args=home(relay, tmp_path, "alice"), ready="LISTENING ",
                          env={"HOMENET_KEY": key_env(keys["alice"])})  # fmt: skip
@@ -579,7 +579,7 @@ async def test_a_full_handshake_cap_drops_slow_ones_and_never_stalls_a_client(se
         try:
             async with asyncio.timeout(30):
                 assert await attacker.stdout.readline() == f"OPEN {ATTACK_SOCKETS}\n".encode()
-            await held(pid, baseline.sockets + 256)  # the cap is full
+            await held(pid, baseline.sockets + ATTACK_SOCKETS)  # all accepted: 256 in handshake, the rest waiting
             trips = []
             for i in range(20):
                 t0 = time.perf_counter()
@@ -598,9 +598,9 @@ async def test_a_full_handshake_cap_drops_slow_ones_and_never_stalls_a_client(se
             async with asyncio.timeout(TIMEOUT):
                 out = await attacker.stdout.read()
                 await attacker.wait()
-    report = json.loads(out)
-    dropped = report["endings"].get("HN/1 429 too-many dropped to make room: node at its handshake cap", 0)
-    assert dropped >= ATTACK_SOCKETS - 256, report
+    # a slow socket the node closed was dropped for a client, with its line
+    endings = json.loads(out)["endings"]
+    assert set(endings) <= {"HN/1 429 too-many dropped to make room: node at its handshake cap"}, endings
     await wait_fds_back(pid, baseline, "after the handshake-cap attack")
 
 
