@@ -177,6 +177,7 @@ _NODE_FLAGS = (
 
 def _cmd_node(args: argparse.Namespace) -> int:
     from homenet.control.app import Fatal, run_node
+    from homenet.control.rl import IdentityBusy
 
     flags: dict[str, Any] = {k: getattr(args, k) for k in _NODE_FLAGS}
     flags["rl"] = tuple(args.rl) if args.rl else None
@@ -194,6 +195,8 @@ def _cmd_node(args: argparse.Namespace) -> int:
     raise_nofile()
     try:
         run(run_node(settings, _announce, notice=_notice))
+    except IdentityBusy as exc:
+        fail(str(exc), EXIT_USAGE)
     except (Fatal, TLSError) as exc:
         fail(str(exc))
     except OSError as exc:
@@ -203,6 +206,7 @@ def _cmd_node(args: argparse.Namespace) -> int:
 
 def _cmd_rl(args: argparse.Namespace) -> int:
     from homenet.control.app import Fatal, run_rl
+    from homenet.control.rl import IdentityBusy
 
     try:
         to = parse_endpoint(args.to)
@@ -218,6 +222,8 @@ def _cmd_rl(args: argparse.Namespace) -> int:
     raise_nofile()
     try:
         run(run_rl(settings, args.url, to, _announce))
+    except IdentityBusy as exc:
+        fail(str(exc), EXIT_USAGE)
     except Fatal as exc:
         fail(str(exc))
     return EXIT_OK

@@ -14,7 +14,7 @@ from collections.abc import Callable
 from homenet.control.auth import AuthInterceptor
 from homenet.control.discovery import DiscoveryServicer
 from homenet.control.relay import RelayServicer
-from homenet.control.rl import Refused, RLClient, RLOptions
+from homenet.control.rl import IdentityBusy, Refused, RLClient, RLOptions
 from homenet.control.server import ControlServer
 from homenet.control.v1 import discovery_pb2_grpc, relay_pb2_grpc
 from homenet.node.address import Endpoint, ListenId, parse_url
@@ -39,7 +39,7 @@ class Fatal(Exception):
     """The node cannot go on (e.g. a relay refused its listenId); one-line message."""
 
 
-def _rl_options(settings: Settings, url: str, node_id: str) -> RLOptions:
+def _rl_options(settings: Settings, url: str, node_id: str, role: str = "node") -> RLOptions:
     creds = Credentials(*parse_key_ref(settings.key)) if settings.key else None
     return RLOptions(
         creds=creds,
@@ -54,6 +54,7 @@ def _rl_options(settings: Settings, url: str, node_id: str) -> RLOptions:
         state_dir=settings.state_dir,
         backoff_max=settings.rl_backoff_max,
         dial_timeout=settings.dial_timeout,
+        role=role,
     )
 
 
@@ -96,6 +97,12 @@ async def run_node(
     control.add_node(node)
     relay_pb2_grpc.add_RelayServiceServicer_to_server(RelayServicer(relay), control.server)
     discovery_pb2_grpc.add_DiscoveryServiceServicer_to_server(DiscoveryServicer(router), control.server)
+
+    async def serve(sock: socket.socket, desc: str, early: bytes, depth: int) -> None:
+        node.serve_accepted(sock, desc, early, depth)
+
+    clients = [RLClient(_rl_options(settings, u, node.node_id), serve, announce, router.query) for u in settings.rl]
+    _acquire(clients)  # before anything listens: a second process with our identity stops here
     node.control_endpoint = await control.start()
     advertiser: Advertiser | None = None
     try:
@@ -115,11 +122,6 @@ async def run_node(
     for sig in _SIGNALS:
         loop.add_signal_handler(sig, stop.set)
     announce(f"READY {node.url}")
-
-    async def serve(sock: socket.socket, desc: str, early: bytes, depth: int) -> None:
-        node.serve_accepted(sock, desc, early, depth)
-
-    clients = [RLClient(_rl_options(settings, u, node.node_id), serve, announce, router.query) for u in settings.rl]
     background: set[asyncio.Task[None]] = set()
     if advertiser is not None:
         adv = advertiser
@@ -188,6 +190,17 @@ def _listener_route(node: Node, relay: Relay, discovery: Discovery | None) -> Li
     return route
 
 
+def _acquire(clients: list[RLClient]) -> None:
+    """Lock every client's identity, or none (:class:`IdentityBusy` names the holder)."""
+    try:
+        for client in clients:
+            client.acquire()
+    except IdentityBusy:
+        for client in clients:
+            client.state.release()
+        raise
+
+
 def _run_clients(
     clients: list[RLClient], stop: asyncio.Event, failures: list[BaseException]
 ) -> list[asyncio.Task[None]]:
@@ -229,7 +242,8 @@ async def run_rl(
         loop.add_signal_handler(sig, stop.set)
     target = FixedTarget(to.host, to.port, settings.dial_timeout, settings.idle_timeout or None)
     failures: list[BaseException] = []
-    client = RLClient(_rl_options(settings, url, secrets.token_hex(8)), target.serve, announce)
+    client = RLClient(_rl_options(settings, url, secrets.token_hex(8), f"rl -> {to}"), target.serve, announce)
+    _acquire([client])
     tasks = _run_clients([client], stop, failures)
     try:
         await stop.wait()

@@ -12,9 +12,12 @@ from homenet.node.listeners import (
     ListenerLoop,
     ListenerNotFound,
     ListenerOffline,
+    TakeoverWar,
 )
 
 STATUS: dict[type[Exception], grpc.StatusCode] = {
+    # ABORTED tells the listener to give up for good (not retry): its identity is in use
+    TakeoverWar: grpc.StatusCode.ABORTED,
     ListenerConflict: grpc.StatusCode.ALREADY_EXISTS,
     BadListenId: grpc.StatusCode.INVALID_ARGUMENT,
     ListenerLoop: grpc.StatusCode.FAILED_PRECONDITION,

@@ -10,10 +10,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import fcntl
 import hashlib
 import json
 import logging
 import os
+import secrets
 import ssl
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -56,6 +58,10 @@ class Refused(Exception):
     """The relay refused the registration itself (id taken, bad id, loop): one-line message."""
 
 
+class IdentityBusy(Exception):
+    """Another process uses the same listener identity (state file): one-line message."""
+
+
 @dataclass(frozen=True)
 class RLOptions:
     """How to remote-listen on one relay."""
@@ -73,15 +79,58 @@ class RLOptions:
     #: This node's certificate, for relays that require client certificates (mTLS).
     tls_cert: str | None = None
     tls_key: str | None = None
+    #: What this process is to the relay: ``node`` (a home node), or ``rl -> HOST:PORT`` (a
+    #: one-service forwarder). One identity (listenId + resumption secret) per role and relay.
+    role: str = "node"
 
 
 class StateFile:
-    """The listenId and resumption secret of one relay URL, kept across restarts (mode 0600)."""
+    """The listenId and resumption secret of one identity, kept across restarts (mode 0600).
 
-    def __init__(self, state_dir: str, url: str) -> None:
-        digest = hashlib.sha256(url.encode()).hexdigest()[:16]
+    An identity is a relay route plus the role of the process that listens on it (plus the
+    listenId, when one is asked for explicitly). A process holds an exclusive lock on the
+    identities it uses, so two processes never share one (they would take the listenId from
+    each other forever).
+    """
+
+    def __init__(self, state_dir: str, url: str, role: str = "node", listen_id: str = "") -> None:
+        self.url, self.role = url, role
+        self.identity = f"{url} ({role}{', ' + listen_id if listen_id else ''})"
+        # a home node keeps the file of the versions that keyed identities by the URL alone
+        key = url if role == "node" else f"{url}\n{role}\n{listen_id}"
+        digest = hashlib.sha256(key.encode()).hexdigest()[:16]
         self.path = Path(state_dir) / "rl" / f"{digest}.json" if state_dir else None
-        self.url = url
+        self._lock_fd: int | None = None
+
+    def acquire(self) -> None:
+        """Lock this identity for this process; :class:`IdentityBusy` if another holds it."""
+        if self.path is None or self._lock_fd is not None:
+            return
+        lock = self.path.with_suffix(".lock")
+        try:
+            lock.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+            fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o600)
+        except OSError as exc:  # a read-only state dir: no identity to keep, nothing to share
+            log.warning("rl.state_not_locked", extra=fields(path=str(lock), error=exc.strerror or str(exc)))
+            return
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            holder = os.read(fd, 32).decode("ascii", "replace").strip() or "unknown"
+            os.close(fd)
+            raise IdentityBusy(
+                f"the listener identity for {self.identity} in {self.path.parent.parent} is in use by process "
+                f"{holder}: stop it, or run this one with its own --state-dir"
+                + ("" if self.role == "node" else " or --listen-id")
+            ) from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        self._lock_fd = fd
+
+    def release(self) -> None:
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)  # closing drops the flock; the file stays for the next owner
+            self._lock_fd = None
 
     def load(self) -> tuple[str, str]:
         if self.path is None:
@@ -120,12 +169,13 @@ class RLClient:
         self.serve = serve
         self.announce = announce
         self.answer = answer
-        self.state = StateFile(opts.state_dir, str(opts.route))
+        self.state = StateFile(opts.state_dir, str(opts.route), opts.role, opts.listen_id)
         self.listen_id = ""
         self.registered = asyncio.Event()
         self._forwarder: Forwarder | None = None
         self._target_ep = ""
         self._ever_registered = False
+        self._fresh = ""
 
     @property
     def url(self) -> str:
@@ -141,14 +191,30 @@ class RLClient:
             self._target_ep = str(ep)
         return self._target_ep
 
+    def _fresh_id(self) -> str:
+        """The id a new identity asks for: empty (the relay picks: a random id, or the key's own
+        id for a home node) or, for a one-service forwarder with a listen key, a random id in
+        that key's namespace (``KEY-xxxx``), so it never competes with the key's home node."""
+        creds = self.opts.creds
+        if self.opts.role != "node" and creds is not None and not self._fresh:
+            room = 64 - len(creds.key_id) - 1
+            if room >= 8:
+                self._fresh = f"{creds.key_id}-{secrets.token_urlsafe(12)[:room]}"
+        return self._fresh
+
     def _tls(self) -> ssl.SSLContext | None:
         """TLS for the data connections of an hns:// relay route (with our certificate, if any)."""
         if not self.opts.route.tls:
             return None
         return client_context(self.opts.tls_ca, self.opts.tls_cert, self.opts.tls_key)
 
+    def acquire(self) -> None:
+        """Lock this client's identity now (before the process says it is ready)."""
+        self.state.acquire()
+
     async def run(self) -> None:
         """Register and serve forever; raises :class:`Refused` if the first registration is refused."""
+        self.state.acquire()
         try:
             while True:
                 retrying = AsyncRetrying(
@@ -160,6 +226,7 @@ class RLClient:
                     with attempt:
                         await self._session()
         finally:
+            self.state.release()
             if self._forwarder is not None:
                 await self._forwarder.close()
 
@@ -172,8 +239,8 @@ class RLClient:
         """One stream's life; returns when it ends cleanly, raises Disconnected otherwise."""
         target = await self._target()
         saved_id, secret = self.state.load()
-        listen_id = self.opts.listen_id or saved_id
-        if self.opts.listen_id and saved_id != self.opts.listen_id:
+        listen_id = self.opts.listen_id or saved_id or self._fresh_id()
+        if listen_id != saved_id:
             secret = ""
         direct_tls = self.opts.route.tls and not self.opts.route.hops
         channel = open_channel(
@@ -243,6 +310,8 @@ class RLClient:
                 elif kind == "query":
                     remote.spawn(self._answer(msg.query, send))
         except grpc.aio.AioRpcError as exc:
+            if exc.code() is grpc.StatusCode.ABORTED:  # another process uses our identity: give up
+                raise Refused(f"relay {self.opts.route} refused {listen_id}: {exc.details()}") from None
             if exc.code() in _FATAL and not registered:
                 message = f"relay {self.opts.route} refused {listen_id or 'registration'}: {exc.details()}"
                 if not self._ever_registered:

@@ -22,6 +22,12 @@ from dataclasses import dataclass, field
 LISTEN_ID = re.compile(r"[A-Za-z0-9_-]{1,64}")
 #: Events a slow listener may leave unread before its session is dropped.
 OUTBOX_LIMIT = 1024
+#: Takeovers of a live registration within WAR_WINDOW seconds that mean two processes share
+#: one identity (a reconnecting owner takes over a dead stream once, not again and again);
+#: then takeovers of that listenId are refused for WAR_HOLD seconds and the holder keeps it.
+WAR_TAKEOVERS = 3
+WAR_WINDOW = 10.0
+WAR_HOLD = 60.0
 
 
 class ListenerError(Exception):
@@ -30,6 +36,10 @@ class ListenerError(Exception):
 
 class ListenerConflict(ListenerError):
     """The listenId is held by another owner."""
+
+
+class TakeoverWar(ListenerConflict):
+    """Two live processes share one identity and keep taking the listenId from each other."""
 
 
 class BadListenId(ListenerError):
@@ -148,6 +158,10 @@ class Listener:
     total: int = 0
     bytes_up: int = 0
     bytes_down: int = 0
+    #: When live registrations of this listenId were taken over (newest last, bounded).
+    takeovers: deque[float] = field(default_factory=lambda: deque(maxlen=WAR_TAKEOVERS))
+    #: Until when takeovers are refused (a takeover war was seen).
+    war_until: float = 0.0
 
     @property
     def online(self) -> bool:
@@ -194,14 +208,33 @@ class ListenerRegistry:
             if not resume_secret or not hmac.compare_digest(_digest(resume_secret), existing.secret_digest):
                 state = "a live node" if existing.online else "its owner (offline, may come back)"
                 raise ListenerConflict(f"listenId {listen_id} is held by {state}")
-            replaced = existing if existing.online else None
+            if existing.online:
+                self._check_war(existing)
+                replaced = existing
         secret = resume_secret or secrets.token_urlsafe(24)
         record = Listener(listen_id, _digest(secret))
-        if existing is not None:  # keep the counters across reconnects of the owner
+        if existing is not None:  # keep the counters and the takeover history across reconnects
             record.total, record.bytes_up, record.bytes_down = existing.total, existing.bytes_up, existing.bytes_down
             record.active = existing.active
+            record.takeovers, record.war_until = existing.takeovers, existing.war_until
+            if replaced is not None:
+                record.takeovers.append(self._clock())
         self._by_id[listen_id] = record
         return record, secret, replaced
+
+    def _check_war(self, live: Listener) -> None:
+        """Refuse a takeover of ``live`` if its id is being taken back and forth."""
+        now = self._clock()
+        recent = sum(1 for t in live.takeovers if now - t < WAR_WINDOW)
+        if live.war_until <= now and recent < WAR_TAKEOVERS - 1:
+            return
+        if live.war_until <= now:
+            live.war_until = now + WAR_HOLD
+        raise TakeoverWar(
+            f"listenId {live.listen_id} is claimed by two live processes with one identity (taken over "
+            f"{recent + 1} times in {WAR_WINDOW:g}s): this one gives up; give each process its own "
+            "--state-dir (or --listen-id)"
+        )
 
     def _random_id(self) -> str:
         while True:

@@ -126,16 +126,22 @@ class Relay:
         """Admit a listener; returns its record, its session and the secret to hand back.
 
         ``key`` is the verified key of the caller (None: anonymous). With a key, the caller
-        claims the listenId equal to the key id (an admin key may claim any); anonymous
-        callers (``rl_auth=open`` only) get a random id or claim one no key reserves.
+        claims the listenId equal to the key id, or one in its namespace (``KEYID-suffix``,
+        unless that is another key's id); an admin key may claim any. Anonymous callers
+        (``rl_auth=open`` only) get a random id or claim one no key reserves.
         """
         if reg.node_id and reg.node_id == self.node.node_id:
             raise ListenerLoop("this relay is the registering node itself: the --rl route loops back")
         claim = reg.listen_id
         if key is not None:
             claim = claim or key.id
-            if claim != key.id and "admin" not in key.roles:
-                raise ListenerForbidden(f"key {key.id} may claim only the listenId {key.id}, not {claim[:64]}")
+            own = claim == key.id or (
+                claim.startswith(f"{key.id}-") and claim not in self.node.keys.reserved_listen_ids()
+            )
+            if not own and "admin" not in key.roles:
+                raise ListenerForbidden(
+                    f"key {key.id} may claim only the listenId {key.id} or {key.id}-SUFFIX, not {claim[:64]}"
+                )
         elif self.settings.rl_auth != "open":
             raise ListenerForbidden("this relay needs a listen key (set HOMENET_KEY=ID:SECRET)")
         elif claim and claim in self.node.keys.reserved_listen_ids():
