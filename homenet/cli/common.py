@@ -8,6 +8,8 @@ import sys
 from collections.abc import Callable, Coroutine
 from typing import Any, NoReturn, TypeVar
 
+from homenet.node.errors import HomeNetError
+
 T = TypeVar("T")
 
 #: Stable exit codes (a contract for scripts).
@@ -65,6 +67,8 @@ def guarded(body: Callable[[], int]) -> int:
         return EXIT_INTERRUPTED
     except BrokenPipeError:
         return quiet_broken_pipe()
+    except HomeNetError as exc:  # what the product reports on purpose: its one line
+        fail(str(exc), EXIT_USAGE if exc.usage else EXIT_FAILED)
     except Exception as exc:  # a bug: still one line for the user, the details under --log-level debug
         logging.getLogger("homenet").debug("crash", exc_info=exc)
         fail(f"internal error ({type(exc).__name__}: {exc}); please report it")

@@ -21,9 +21,9 @@ from homenet.node.address import Endpoint, ListenId, parse_url
 from homenet.node.auth import Credentials
 from homenet.node.dialer import DialError
 from homenet.node.discovery import DEFAULT_TYPES, HOMENET_TYPE, Advertiser, Discovery, dial_service, node_txt
+from homenet.node.errors import Code, HomeNetError
 from homenet.node.keys import ensure_first_key, parse_key_ref
 from homenet.node.log import fields
-from homenet.node.preamble import Code
 from homenet.node.query import QueryRouter
 from homenet.node.relay import Relay, RelaySettings
 from homenet.node.remote import FixedTarget
@@ -35,8 +35,10 @@ log = logging.getLogger("homenet.app")
 _SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
 
-class Fatal(Exception):
+class Fatal(HomeNetError):
     """The node cannot go on (e.g. a relay refused its listenId); one-line message."""
+
+    default_code = Code.UNAVAILABLE
 
 
 def _rl_options(settings: Settings, url: str, node_id: str, role: str = "node") -> RLOptions:

@@ -14,6 +14,7 @@ from typing import Any
 
 import grpc
 
+from homenet.control.errors import abort
 from homenet.node.auth import AuthError, Credentials
 from homenet.node.keys import Key
 from homenet.node.limits import source_of
@@ -77,9 +78,7 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
                 if self.node.limiter.failed(src):
                     log.warning("auth.source_blocked", extra=fields(source=src))
             log.info("auth.refused", extra=fields(method=method, peer=peer, reason=exc.reason))
-            code = grpc.StatusCode.PERMISSION_DENIED if exc.forbidden else grpc.StatusCode.UNAUTHENTICATED
-            await context.abort(code, exc.reason)
-            raise AssertionError("unreachable") from None
+            await abort(context, exc)
 
     async def intercept_service(
         self,

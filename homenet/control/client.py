@@ -9,29 +9,32 @@ from typing import Any
 import grpc
 
 from homenet.control.auth import call_metadata
+from homenet.control.errors import CODE_OF_STATUS, code_of
 from homenet.control.v1 import discovery_pb2, discovery_pb2_grpc, node_pb2, node_pb2_grpc, relay_pb2, relay_pb2_grpc
 from homenet.node.address import DEFAULT_PORT, parse_endpoint
 from homenet.node.auth import Credentials
+from homenet.node.errors import Code, HomeNetError
 from homenet.node.query import query_context
 
 
-class ControlError(Exception):
-    """A control call failed; the message is one line saying what to do."""
+class ControlError(HomeNetError):
+    """A control call failed; the message is one line saying what to do, ``code`` what kind."""
 
 
-def _describe(exc: grpc.aio.AioRpcError, target: str) -> str:
-    code, details = exc.code(), exc.details() or ""
-    if code == grpc.StatusCode.UNAVAILABLE and "offline" in details:
-        return details  # a listener down the route, not the node we talk to
-    if code == grpc.StatusCode.UNAVAILABLE:
-        return f"node {target} is unreachable ({details or 'unavailable'}); is it running?"
-    if code == grpc.StatusCode.DEADLINE_EXCEEDED:
-        return details if "did not answer" in details else f"node {target} did not answer in time"
-    if code in (grpc.StatusCode.NOT_FOUND, grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.ALREADY_EXISTS):
-        return details
-    if code == grpc.StatusCode.UNIMPLEMENTED:
-        return f"node {target} does not support this call (older version?)"
-    return f"node {target}: {code.name.lower()}: {exc.details()}"
+def _describe(exc: grpc.aio.AioRpcError, target: str) -> ControlError:
+    status, details = exc.code(), exc.details() or ""
+    code = code_of(exc)
+    if code is not None and code not in (Code.UNAUTHORIZED, Code.FORBIDDEN, Code.INTERNAL):
+        return ControlError(details, code)  # the node (or one down the route) says what went wrong
+    if code is None and status == grpc.StatusCode.UNAVAILABLE:
+        return ControlError(
+            f"node {target} is unreachable ({details or 'unavailable'}); is it running?", Code.BAD_GATEWAY
+        )
+    if code is None and status == grpc.StatusCode.DEADLINE_EXCEEDED:
+        return ControlError(f"node {target} did not answer in time", Code.GATEWAY_TIMEOUT)
+    if status == grpc.StatusCode.UNIMPLEMENTED:
+        return ControlError(f"node {target} does not support this call (older version?)", Code.BAD_REQUEST)
+    return ControlError(f"node {target}: {status.name.lower()}: {details}", code or CODE_OF_STATUS.get(status))
 
 
 def open_channel(
@@ -93,7 +96,7 @@ class ControlClient:
         try:
             return await call(request, timeout=self.timeout, metadata=metadata)
         except grpc.aio.AioRpcError as exc:
-            raise ControlError(_describe(exc, self.target)) from None
+            raise _describe(exc, self.target) from None
 
     async def status(self) -> node_pb2.NodeStatus:
         resp: node_pb2.NodeStatus = await self._call(

@@ -6,7 +6,7 @@ from typing import Any
 
 import grpc
 
-from homenet.control.errors import QUERY_STATUS
+from homenet.control.errors import abort
 from homenet.control.v1 import discovery_pb2, discovery_pb2_grpc
 from homenet.node.discovery import Service
 from homenet.node.query import Query, QueryAnswer, QueryError, QueryRouter
@@ -68,5 +68,5 @@ class DiscoveryServicer(discovery_pb2_grpc.DiscoveryServiceServicer):
         try:
             answer = await self.router.query(query_from_pb(request, timeout))
         except QueryError as exc:
-            await context.abort(QUERY_STATUS[exc.kind], exc.message)
+            await abort(context, exc)
         return answer_to_pb(answer)

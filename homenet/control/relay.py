@@ -12,13 +12,14 @@ import grpc
 from homenet import __version__
 from homenet.control.auth import CURRENT_KEY, real_peer
 from homenet.control.discovery import answer_from_pb, query_to_pb
-from homenet.control.errors import QUERY_KIND, status_of
+from homenet.control.errors import abort, code_of_status_value
 from homenet.control.v1 import relay_pb2, relay_pb2_grpc
 from homenet.node.listeners import (
     Event,
     Incoming,
     Listener,
     ListenerError,
+    ListenerNotFound,
     ListenerSession,
     PoolGrant,
     QueryEvent,
@@ -68,9 +69,9 @@ class RelayServicer(relay_pb2_grpc.RelayServiceServicer):
             async with asyncio.timeout(REGISTER_TIMEOUT):
                 first = await anext(request_iterator)
         except (TimeoutError, StopAsyncIteration):
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "send register first, within 10s")
+            await abort(context, ListenerError("send register first, within 10s"))
         if first.WhichOneof("msg") != "register":
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "the first message must be register")
+            await abort(context, ListenerError("the first message must be register"))
         r = first.register
         reg = Registration(r.listen_id, r.resume_secret, r.name[:128], r.version[:64], r.pool_size, r.node_id)
         peer = real_peer(self.relay.node, context.peer())
@@ -78,7 +79,7 @@ class RelayServicer(relay_pb2_grpc.RelayServiceServicer):
             lst, session, secret = self.relay.register(reg, peer, CURRENT_KEY.get())
         except ListenerError as exc:
             log.info("listener.refused", extra=fields(listen_id=r.listen_id[:80], peer=peer, reason=str(exc)))
-            await context.abort(status_of(exc), str(exc))
+            await abort(context, exc)
         yield relay_pb2.RelayMessage(
             registered=relay_pb2.Registered(
                 listen_id=lst.listen_id,
@@ -110,7 +111,7 @@ class RelayServicer(relay_pb2_grpc.RelayServiceServicer):
                 elif kind == "query_result":
                     r = msg.query_result
                     answer = (
-                        QueryError(QUERY_KIND.get(r.error_code, "failed"), one_line(r.error))
+                        QueryError.from_code(code_of_status_value(r.error_code), one_line(r.error))
                         if r.error_code
                         else answer_from_pb(r.response)
                     )
@@ -131,7 +132,7 @@ class RelayServicer(relay_pb2_grpc.RelayServiceServicer):
         self, request: relay_pb2.KickRequest, context: grpc.aio.ServicerContext[object, object]
     ) -> relay_pb2.KickResponse:
         if not self.relay.kick(request.listen_id):
-            await context.abort(grpc.StatusCode.NOT_FOUND, f"no listener {request.listen_id[:80]} on this relay")
+            await abort(context, ListenerNotFound(f"no listener {request.listen_id[:80]} on this relay"))
         return relay_pb2.KickResponse(kicked=True)
 
 

@@ -28,10 +28,11 @@ from homenet import __version__
 from homenet.control.auth import call_metadata
 from homenet.control.client import open_channel
 from homenet.control.discovery import answer_to_pb, query_from_pb
-from homenet.control.errors import QUERY_STATUS
+from homenet.control.errors import status_value
 from homenet.control.v1 import relay_pb2, relay_pb2_grpc
 from homenet.node.address import Route
 from homenet.node.auth import Credentials
+from homenet.node.errors import Code, HomeNetError
 from homenet.node.forward import Forwarder
 from homenet.node.log import fields
 from homenet.node.query import Query, QueryAnswer, QueryError
@@ -50,16 +51,23 @@ _FATAL = {
 }
 
 
-class Disconnected(Exception):
+class Disconnected(HomeNetError):
     """The stream could not be opened or was lost; retried with backoff."""
 
+    default_code = Code.UNAVAILABLE
 
-class Refused(Exception):
+
+class Refused(HomeNetError):
     """The relay refused the registration itself (id taken, bad id, loop): one-line message."""
 
+    default_code = Code.FORBIDDEN
 
-class IdentityBusy(Exception):
+
+class IdentityBusy(HomeNetError):
     """Another process uses the same listener identity (state file): one-line message."""
+
+    default_code = Code.LOCKED
+    usage = True
 
 
 @dataclass(frozen=True)
@@ -341,7 +349,7 @@ class RLClient:
                 raise QueryError("not_found", "this listener is a one-service forwarder, not a node")
             result.response.CopyFrom(answer_to_pb(await self.answer(query, self.listen_id)))
         except QueryError as exc:
-            result.error_code = QUERY_STATUS[exc.kind].value[0]
+            result.error_code = status_value(exc.code)
             result.error = exc.message
         with contextlib.suppress(Exception):
             await send(relay_pb2.ListenerMessage(query_result=result))

@@ -10,6 +10,8 @@ import re
 import socket
 from dataclasses import dataclass
 
+from homenet.node.errors import UsageError
+
 DEFAULT_PORT = 6969
 MAX_HOPS = 8
 
@@ -18,7 +20,7 @@ _PORT = re.compile(r"[0-9]{1,5}")
 _LABEL = re.compile(r"(?!-)[A-Za-z0-9-]{1,63}(?<!-)")
 
 
-class AddressError(ValueError):
+class AddressError(UsageError, ValueError):
     """A URL, hop or host:port that cannot be parsed; the message says what is wrong."""
 
 

@@ -19,6 +19,7 @@ from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from homenet.node.errors import Code, HomeNetError
 from homenet.node.keys import Key, KeyStore, Secret
 
 #: Seconds a token's timestamp may differ from the verifier's clock, either way.
@@ -28,12 +29,11 @@ SKEW = 60.0
 REPLAY_CACHE = 50_000
 
 
-class AuthError(Exception):
+class AuthError(HomeNetError):
     """Authentication failed; ``reason`` is safe to send to the peer."""
 
     def __init__(self, reason: str, *, forbidden: bool = False) -> None:
-        super().__init__(reason)
-        self.reason = reason
+        super().__init__(reason, Code.FORBIDDEN if forbidden else Code.UNAUTHORIZED)
         #: True: the key is valid but lacks the role (not a failed login).
         self.forbidden = forbidden
 

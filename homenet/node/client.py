@@ -16,16 +16,22 @@ from dataclasses import dataclass
 from homenet.node.address import Endpoint, Route
 from homenet.node.auth import Credentials
 from homenet.node.dialer import connect, describe_os_error
-from homenet.node.preamble import NEED_DATA, Code, ProtocolError, Reply, ReplyParser, Verb, encode_request
+from homenet.node.errors import Code, HomeNetError
+from homenet.node.preamble import NEED_DATA, ProtocolError, Reply, ReplyParser, Verb, encode_request
 from homenet.node.tls import TLSError, client_context, connect_tls
 
 
-class RouteFailed(Exception):
-    """A route could not be opened; the message is one line naming the hop and the reason."""
+class RouteFailed(HomeNetError):
+    """A route could not be opened; the message is one line naming the hop and the reason.
+
+    ``code`` is the failing hop's reply code (BAD_GATEWAY when no node answered), ``hop`` its
+    index in the route (None when the first node could not be reached).
+    """
+
+    default_code = Code.BAD_GATEWAY
 
     def __init__(self, message: str, code: Code | None = None, hop: int | None = None) -> None:
-        super().__init__(message)
-        self.code = code
+        super().__init__(message, code)
         self.hop = hop
 
 

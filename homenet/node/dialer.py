@@ -14,19 +14,17 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 from homenet.node.address import Endpoint
+from homenet.node.errors import Code, HomeNetError
 from homenet.node.policy import IPAddress, PolicyError, TargetPolicy
-from homenet.node.preamble import Code
 
 Resolver = Callable[[str, int], Awaitable[list[IPAddress]]]
 
 
-class DialError(Exception):
+class DialError(HomeNetError):
     """A hop could not be reached; ``code`` is the reply code for the client."""
 
     def __init__(self, code: Code, reason: str) -> None:
-        super().__init__(reason)
-        self.code = code
-        self.reason = reason
+        super().__init__(reason, code)
 
 
 @dataclass(frozen=True, slots=True)

@@ -16,12 +16,14 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from homenet.node.errors import UsageError
+
 ROLES = ("listen", "connect", "query", "admin")
 KEY_ID = re.compile(r"[A-Za-z0-9_-]{1,64}")
 _SECRET = re.compile(r"[A-Za-z0-9_-]{22,128}")  # >= 128 bits of base64url
 
 
-class KeyFileError(ValueError):
+class KeyFileError(UsageError, ValueError):
     """A bad key, keys file or key reference; the message is one line for the user."""
 
 

@@ -19,6 +19,8 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from homenet.node.errors import Code, HomeNetError
+
 LISTEN_ID = re.compile(r"[A-Za-z0-9_-]{1,64}")
 #: Events a slow listener may leave unread before its session is dropped.
 OUTBOX_LIMIT = 1024
@@ -30,16 +32,22 @@ WAR_WINDOW = 10.0
 WAR_HOLD = 60.0
 
 
-class ListenerError(Exception):
+class ListenerError(HomeNetError):
     """A registration the relay refuses; the message is safe to show the caller."""
+
+    default_code = Code.BAD_REQUEST
 
 
 class ListenerConflict(ListenerError):
     """The listenId is held by another owner."""
 
+    default_code = Code.CONFLICT
+
 
 class TakeoverWar(ListenerConflict):
     """Two live processes share one identity and keep taking the listenId from each other."""
+
+    default_code = Code.LOCKED
 
 
 class BadListenId(ListenerError):
@@ -49,17 +57,25 @@ class BadListenId(ListenerError):
 class ListenerLoop(ListenerError):
     """The registration comes from this very node (its stream loops back)."""
 
+    default_code = Code.LOOP
+
 
 class ListenerForbidden(ListenerError):
     """The caller's key (or lack of one) may not claim this listenId."""
+
+    default_code = Code.FORBIDDEN
 
 
 class ListenerNotFound(ListenerError):
     """No such listenId."""
 
+    default_code = Code.NOT_FOUND
+
 
 class ListenerOffline(ListenerError):
     """The listenId is known but its owner is away."""
+
+    default_code = Code.UNAVAILABLE
 
 
 @dataclass(frozen=True, slots=True)

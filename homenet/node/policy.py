@@ -20,6 +20,8 @@ import ipaddress
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
+from homenet.node.errors import Code, HomeNetError
+
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
@@ -47,8 +49,10 @@ GUARDED: tuple[tuple[IPNetwork, str], ...] = (
 )
 
 
-class PolicyError(Exception):
+class PolicyError(HomeNetError):
     """A target the policy refuses; the message is safe to send to the client."""
+
+    default_code = Code.FORBIDDEN
 
 
 def normalise(addr: IPAddress) -> IPAddress:

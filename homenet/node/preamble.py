@@ -22,6 +22,8 @@ import enum
 import re
 from dataclasses import dataclass, field
 
+from homenet.node.errors import Code, HomeNetError
+
 VERSION = 1
 MAGIC = b"HN/"
 #: Largest request or reply line, terminator included.
@@ -32,41 +34,14 @@ MAX_FIELDS = 16
 GRPC_PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
 
 
-class Code(enum.IntEnum):
-    """Stable reply codes; the number is the contract, the name its spelling on the wire."""
-
-    OK = 200
-    BAD_REQUEST = 400
-    UNAUTHORIZED = 401
-    FORBIDDEN = 403
-    NOT_FOUND = 404
-    TIMEOUT = 408
-    TOO_LARGE = 413
-    TOO_MANY = 429
-    HOP_LIMIT = 430
-    LOOP = 431
-    BAD_GATEWAY = 502
-    UNAVAILABLE = 503
-    GATEWAY_TIMEOUT = 504
-    VERSION_NOT_SUPPORTED = 505
-    UNRESOLVABLE = 506
-
-    @property
-    def slug(self) -> str:
-        """The code's wire name: ``FORBIDDEN`` -> ``forbidden``."""
-        return self.name.lower().replace("_", "-")
-
-
 _SLUGS = {c.slug: c for c in Code}
 
 
-class ProtocolError(Exception):
+class ProtocolError(HomeNetError):
     """The peer sent bytes that break the protocol; carries the reply code to send back."""
 
     def __init__(self, code: Code, reason: str) -> None:
-        super().__init__(reason)
-        self.code = code
-        self.reason = reason
+        super().__init__(reason, code)
 
 
 class Verb(enum.Enum):
@@ -109,17 +84,19 @@ class Request:
 
 @dataclass(frozen=True, slots=True)
 class Reply:
-    """One parsed reply line."""
+    """One parsed reply line: an error's free-text reason, or an OK reply's ``key=value``
+    fields (``hop=2`` on a listener's activation line)."""
 
     code: Code
     reason: str = ""
+    fields: dict[str, str] = field(default_factory=dict)
 
     @property
     def ok(self) -> bool:
         return self.code is Code.OK
 
     def encode(self) -> bytes:
-        return encode_reply(self.code, self.reason)
+        return encode_reply(self.code, self.reason, self.fields)
 
 
 class _NeedData:
@@ -153,8 +130,11 @@ def encode_request(verb: Verb, arg: str, fields: dict[str, str] | None = None) -
     return line
 
 
-def encode_reply(code: Code, reason: str = "") -> bytes:
-    """Build one reply line; the reason is made printable and cut to fit."""
+def encode_reply(code: Code, reason: str = "", fields: dict[str, str] | None = None) -> bytes:
+    """Build one reply line; the reason is made printable and cut to fit. ``fields`` (OK
+    replies) go where an error's reason would."""
+    if fields:
+        reason = " ".join([*(f"{k}={v}" for k, v in fields.items()), reason]).rstrip()
     clean = "".join(ch if " " <= ch <= "~" else "?" for ch in reason)
     head = f"HN/{VERSION} {int(code)} {code.slug}"
     line = f"{head} {clean}" if clean else head
@@ -294,4 +274,9 @@ def parse_reply_line(line: bytes) -> Reply:
     reason = parts[3] if len(parts) == 4 else b""
     if not all(0x20 <= b <= 0x7E for b in reason):
         raise ProtocolError(Code.BAD_REQUEST, "non-printable reply reason")
-    return Reply(code, reason.decode("ascii"))
+    text = reason.decode("ascii")
+    if code is Code.OK and text:
+        pairs = [item.partition("=") for item in text.split(" ")]
+        if all(sep and _FIELD_KEY.fullmatch(k) and v for k, sep, v in pairs) and len(pairs) <= MAX_FIELDS:
+            return Reply(code, "", {k: v for k, _, v in pairs})
+    return Reply(code, text)

@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING
 from homenet.node.address import MAX_HOPS
 from homenet.node.auth import AuthError, Verifier
 from homenet.node.discovery import Discovery, Service
+from homenet.node.errors import Code, HomeNetError
 from homenet.node.listeners import LISTEN_ID
 
 if TYPE_CHECKING:
@@ -19,13 +20,31 @@ HOP_MARGIN = 0.25
 MIN_TIMEOUT = 0.3
 
 
-class QueryError(Exception):
-    """A query that failed; ``kind`` is one of not_found, unavailable, deadline, invalid, failed."""
+#: What kind of failure a query had, as a code (the kinds name them in logs and tests).
+QUERY_CODES: dict[str, Code] = {
+    "not_found": Code.NOT_FOUND,
+    "unavailable": Code.UNAVAILABLE,
+    "deadline": Code.GATEWAY_TIMEOUT,
+    "invalid": Code.BAD_REQUEST,
+    "failed": Code.INTERNAL,
+    "unauthenticated": Code.UNAUTHORIZED,
+    "forbidden": Code.FORBIDDEN,
+}
+_KINDS = {code: kind for kind, code in QUERY_CODES.items()}
+
+
+class QueryError(HomeNetError):
+    """A query that failed; ``kind`` is one of :data:`QUERY_CODES`."""
 
     def __init__(self, kind: str, message: str) -> None:
-        super().__init__(message)
-        self.kind = kind
+        super().__init__(message, QUERY_CODES.get(kind, Code.INTERNAL))
+        self.kind = kind if kind in QUERY_CODES else "failed"
         self.message = message
+
+    @classmethod
+    def from_code(cls, code: Code, message: str) -> QueryError:
+        """The error a node reported with ``code`` (an unknown code is a plain failure)."""
+        return cls(_KINDS.get(code, "failed"), message)
 
 
 @dataclass(frozen=True, slots=True)

@@ -17,6 +17,7 @@ import time
 from dataclasses import dataclass
 
 from homenet.node.address import MAX_HOPS, ListenId
+from homenet.node.errors import Code
 from homenet.node.keys import Key
 from homenet.node.limits import source_of
 from homenet.node.listeners import (
@@ -34,7 +35,7 @@ from homenet.node.listeners import (
     QueryEvent,
 )
 from homenet.node.log import fields
-from homenet.node.preamble import Code, Verb, encode_reply
+from homenet.node.preamble import Verb, encode_reply
 from homenet.node.query import Query, QueryAnswer, QueryError
 from homenet.node.server import Handshake, Node, RouteError, SessionInfo, Target
 from homenet.node.tickets import TicketBook, TicketError
@@ -287,7 +288,9 @@ class Relay:
             lst.bytes_down += info.bytes_down
 
         # the activation line goes out with the client's first bytes, in one send
-        return Target(sock, f"listener {lst.listen_id}", done, greeting=encode_reply(Code.OK, f"hop={depth}"))
+        return Target(
+            sock, f"listener {lst.listen_id}", done, greeting=encode_reply(Code.OK, fields={"hop": str(depth)})
+        )
 
     async def _dial_back(self, lst: Listener, session: ListenerSession, client: str) -> socket.socket:
         fut: asyncio.Future[socket.socket] = asyncio.get_running_loop().create_future()

@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import re
 import socket
 import ssl
 from collections.abc import Awaitable, Callable
@@ -19,7 +18,7 @@ from homenet.node.address import Endpoint, Route
 from homenet.node.auth import Credentials
 from homenet.node.client import RouteFailed, dial_endpoint, next_reply, open_route
 from homenet.node.log import fields
-from homenet.node.preamble import ProtocolError, Verb, encode_request
+from homenet.node.preamble import ProtocolError, Reply, Verb, encode_request
 from homenet.node.splice import CarrierPool, Splice
 
 log = logging.getLogger("homenet.remote")
@@ -29,13 +28,11 @@ Serve = Callable[[socket.socket, str, bytes, int], Awaitable[None]]
 #: Tells the relay a dial-back failed: (ticket, reason).
 ReportFailure = Callable[[str, str], Awaitable[None]]
 
-_HOP = re.compile(r"\bhop=([0-9]{1,3})\b")
 
-
-def hop_depth(reason: str) -> int:
-    """The hop count a relay announces in its activation reply (``hop=N``)."""
-    m = _HOP.search(reason)
-    return int(m.group(1)) if m else 1
+def hop_depth(reply: Reply | None) -> int:
+    """The hop count a relay announces in its activation reply (field ``hop``; 1 if absent)."""
+    hop = reply.fields.get("hop", "") if reply is not None else ""
+    return int(hop) if hop.isdigit() and len(hop) <= 3 else 1
 
 
 class RemoteListen:
@@ -82,7 +79,7 @@ class RemoteListen:
             with contextlib.suppress(Exception):
                 await self.report_failure(ticket, str(exc))
             return
-        depth = hop_depth(opened.last.reason if opened.last else "")
+        depth = hop_depth(opened.last)
         await self.serve(opened.sock, f"{client} via {self.route.entry}", opened.early, depth)
 
     async def _park(self, ticket: str) -> None:
@@ -115,7 +112,7 @@ class RemoteListen:
             log.debug("rl.park_refused", extra=fields(code=int(reply.code), reason=reply.reason))
             sock.close()
             return
-        await self.serve(sock, f"pool via {self.route.entry}", parser.trailing(), hop_depth(reply.reason))
+        await self.serve(sock, f"pool via {self.route.entry}", parser.trailing(), hop_depth(reply))
 
     async def close(self) -> None:
         """Cancel dial-backs and close parked connections."""

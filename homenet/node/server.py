@@ -34,13 +34,13 @@ from homenet.node.dialer import (
     tune,
     wait_readable,
 )
+from homenet.node.errors import Code, HomeNetError
 from homenet.node.keys import Key, KeyStore
 from homenet.node.limits import SourceLimiter, source_of
 from homenet.node.log import fields
 from homenet.node.policy import TargetPolicy, local_addresses, normalise
 from homenet.node.preamble import (
     NEED_DATA,
-    Code,
     Plane,
     ProtocolError,
     Request,
@@ -73,13 +73,11 @@ ListenerRoute = Callable[["Handshake", ListenId], Awaitable["Target"]]
 VerbHandler = Callable[["Handshake"], Awaitable[bool]]
 
 
-class RouteError(Exception):
+class RouteError(HomeNetError):
     """A request the node answers with an error reply (``code``, one-line ``reason``)."""
 
     def __init__(self, code: Code, reason: str) -> None:
-        super().__init__(reason)
-        self.code = code
-        self.reason = reason
+        super().__init__(reason, code)
 
 
 @dataclass(slots=True, eq=False)

@@ -20,9 +20,10 @@ from pathlib import Path
 from typing import Any
 
 from homenet.node.address import DEFAULT_PORT, AddressError, parse_endpoint, parse_url
+from homenet.node.errors import UsageError
 
 
-class SettingsError(ValueError):
+class SettingsError(UsageError, ValueError):
     """A setting with a bad value; the message names the setting and its source."""
 
 

@@ -14,11 +14,15 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Generic, TypeVar
 
+from homenet.node.errors import Code, HomeNetError
+
 T = TypeVar("T")
 
 
-class TicketError(Exception):
+class TicketError(HomeNetError):
     """A ticket that cannot be used; the message is safe to send to the peer."""
+
+    default_code = Code.UNAUTHORIZED
 
 
 class TicketUnknown(TicketError):

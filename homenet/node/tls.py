@@ -13,13 +13,17 @@ import socket
 import ssl
 from typing import Any, cast
 
+from homenet.node.errors import Code, HomeNetError
+
 ALPN_DATA = "homenet/1"
 ALPN_GRPC = "h2"
 _HIGH_WATER = 256 * 1024
 
 
-class TLSError(Exception):
+class TLSError(HomeNetError):
     """A TLS handshake or setup failed; the message is one line for the user."""
+
+    default_code = Code.BAD_GATEWAY
 
 
 def server_context(cert: str, key: str, client_ca: str | None = None) -> ssl.SSLContext:

@@ -28,7 +28,7 @@ from zeroconf.asyncio import AsyncServiceBrowser, AsyncServiceInfo, AsyncZerocon
 
 from homenet.node.address import parse_url
 from homenet.node.client import RouteFailed, open_route
-from homenet.node.preamble import Code
+from homenet.node.errors import Code
 from tests.conftest import StartNode
 from tests.helpers import NodeProc, echo_server, pattern, spawn
 from tests.integration.support import TIMEOUT, CliResult, cli_env

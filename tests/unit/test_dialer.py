@@ -16,8 +16,8 @@ import pytest
 from homenet.node import dialer as dialer_mod
 from homenet.node.address import Endpoint
 from homenet.node.dialer import Dialed, Dialer, DialError, connect, system_resolve
+from homenet.node.errors import Code
 from homenet.node.policy import IPAddress, TargetPolicy
-from homenet.node.preamble import Code
 
 
 def ip(text: str) -> IPAddress:

@@ -21,8 +21,8 @@ from hypothesis import strategies as st
 from homenet.node import dialer as dialer_mod
 from homenet.node.address import AddressError, Endpoint, parse_hop
 from homenet.node.dialer import Dialer, DialError
+from homenet.node.errors import Code
 from homenet.node.policy import IPAddress, IPNetwork, PolicyError, TargetPolicy, normalise
-from homenet.node.preamble import Code
 
 LAN = (ipaddress.ip_network("10.0.0.0/8"),)
 

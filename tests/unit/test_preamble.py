@@ -9,12 +9,12 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from homenet.node.errors import Code
 from homenet.node.preamble import (
     GRPC_PREFACE,
     MAX_FIELDS,
     MAX_LINE,
     NEED_DATA,
-    Code,
     Plane,
     ProtocolError,
     Reply,
@@ -453,10 +453,13 @@ def test_stable_code_numbers() -> None:
         "FORBIDDEN": 403,
         "NOT_FOUND": 404,
         "TIMEOUT": 408,
+        "CONFLICT": 409,
         "TOO_LARGE": 413,
+        "LOCKED": 423,
         "TOO_MANY": 429,
         "HOP_LIMIT": 430,
         "LOOP": 431,
+        "INTERNAL": 500,
         "BAD_GATEWAY": 502,
         "UNAVAILABLE": 503,
         "GATEWAY_TIMEOUT": 504,
