@@ -176,8 +176,8 @@ _NODE_FLAGS = (
 
 
 def _cmd_node(args: argparse.Namespace) -> int:
-    from homenet.control.app import Fatal, run_node
     from homenet.control.rl import IdentityBusy
+    from homenet.control.runtime import Fatal, run_node
 
     flags: dict[str, Any] = {k: getattr(args, k) for k in _NODE_FLAGS}
     flags["rl"] = tuple(args.rl) if args.rl else None
@@ -205,8 +205,8 @@ def _cmd_node(args: argparse.Namespace) -> int:
 
 
 def _cmd_rl(args: argparse.Namespace) -> int:
-    from homenet.control.app import Fatal, run_rl
     from homenet.control.rl import IdentityBusy
+    from homenet.control.runtime import Fatal, run_rl
 
     try:
         to = parse_endpoint(args.to)
@@ -262,7 +262,8 @@ def _cmd_listen(args: argparse.Namespace) -> int:
 
     async def serve() -> None:
         import asyncio
-        import signal
+
+        from homenet.control.runtime import signals
 
         fwd = Forwarder(route, args.bind, args.port, args.timeout, creds, tls)
         try:
@@ -270,12 +271,10 @@ def _cmd_listen(args: argparse.Namespace) -> int:
         except OSError as exc:
             fail(f"cannot listen on {args.bind}:{args.port}: {exc.strerror or exc}")
         stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, stop.set)
         _announce(f"LISTENING tcp://{ep} -> {route}")
         try:
-            await stop.wait()
+            async with signals(stop):
+                await stop.wait()
         finally:
             await fwd.close()
 
@@ -305,18 +304,17 @@ def _cmd_publish(args: argparse.Namespace) -> int:
 
     async def serve() -> None:
         import asyncio
-        import signal
+
+        from homenet.control.runtime import signals
 
         adv = Advertiser(args.mdns_interface)
         await adv.start()
         stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, stop.set)
         try:
-            info = await adv.publish(args.name, type_, args.port, txt)
-            _announce(f"PUBLISHED {info.name} port {args.port}")
-            await stop.wait()
+            async with signals(stop):
+                info = await adv.publish(args.name, type_, args.port, txt)
+                _announce(f"PUBLISHED {info.name} port {args.port}")
+                await stop.wait()
         finally:
             await adv.close()
 

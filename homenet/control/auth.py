@@ -15,11 +15,12 @@ from typing import Any
 import grpc
 
 from homenet.control.errors import abort
-from homenet.node.auth import AuthError, Credentials
+from homenet.node.auth import AuthError, Authorizer, Credentials
 from homenet.node.keys import Key
 from homenet.node.limits import source_of
 from homenet.node.log import fields
-from homenet.node.server import Node
+from homenet.node.server import GrpcPlane
+from homenet.node.settings import Settings
 
 log = logging.getLogger("homenet.control.auth")
 
@@ -34,49 +35,52 @@ def call_metadata(creds: Credentials | None, method: str) -> tuple[tuple[str, st
     return tuple((f"x-homenet-{k}", v) for k, v in creds.token(method).items())
 
 
-Required = Callable[[Any], bool]
+#: Whether a call must carry a key ("required"), may ("optional": a key present is checked and
+#: used), or is none of this node's business ("skip": another node checks it).
+Required = Callable[[Any], str]
 
 
-def method_roles(node: Node) -> dict[str, tuple[str, Required]]:
-    """method -> (role, is it required for this request). Methods not listed (health,
+def method_roles(s: Settings) -> dict[str, tuple[str, Required]]:
+    """method -> (role, what this request needs of a key). Methods not listed (health,
     reflection, GetStatus) are open.
 
     A Query with a path is forwarded: the node at the end of the path answers, and checks
-    the query key the client put in the request (metadata does not travel down a chain).
+    the query key the client put in the request (metadata does not travel down a chain);
+    this node does not check a key it may not know.
     """
-    s = node.settings
-    always: Required = lambda _: True  # noqa: E731
+    always: Required = lambda _: "required"  # noqa: E731
+    listen = "required" if s.rl_auth == "required" else "optional"  # open: a key still claims its own id
+    query = "required" if s.query_auth == "required" else "skip"
     return {
-        "/homenet.v1.RelayService/Listen": ("listen", lambda _: s.rl_auth == "required"),
+        "/homenet.v1.RelayService/Listen": ("listen", lambda _: listen),
         "/homenet.v1.RelayService/ListListeners": ("admin", always),
         "/homenet.v1.RelayService/Kick": ("admin", always),
         "/homenet.v1.NodeService/ListSessions": ("admin", always),
-        "/homenet.v1.DiscoveryService/Query": ("query", lambda r: s.query_auth == "required" and not r.path),
+        "/homenet.v1.DiscoveryService/Query": ("query", lambda r: "skip" if r.path else query),
     }
 
 
 class AuthInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
     """Authorizes each call on the method it routes to; failed logins count against the source."""
 
-    def __init__(self, node: Node) -> None:
-        self.node = node
-        self.roles = method_roles(node)
+    def __init__(self, settings: Settings, authorizer: Authorizer, grpc_plane: GrpcPlane) -> None:
+        self.authorizer = authorizer
+        self.grpc_plane = grpc_plane
+        self.roles = method_roles(settings)
 
     async def _check(self, method: str, context: grpc.aio.ServicerContext[Any, Any], request: Any) -> Key | None:
-        role, is_required = self.roles[method]
-        required = is_required(request)
+        role, needs = self.roles[method]
+        need = needs(request)
+        if need == "skip":
+            return None
         meta = {k: v for k, v in (context.invocation_metadata() or ()) if isinstance(v, str)}
         token = {k: meta.get(f"x-homenet-{k}", "") for k in _META}
-        if not token["key"] and not required:
+        if not token["key"] and need != "required":
             return None
+        peer = real_peer(self.grpc_plane, context.peer())
         try:
-            return self.node.verifier.verify(method, token, role)
+            return self.authorizer.authorize(method, token, role, source_of(peer))
         except AuthError as exc:
-            peer = real_peer(self.node, context.peer())
-            if not exc.forbidden:
-                src = source_of(peer)
-                if self.node.limiter.failed(src):
-                    log.warning("auth.source_blocked", extra=fields(source=src))
             log.info("auth.refused", extra=fields(method=method, peer=peer, reason=exc.reason))
             await abort(context, exc)
 
@@ -116,10 +120,10 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
         return handler
 
 
-def real_peer(node: Node, peer: str) -> str:
+def real_peer(grpc_plane: GrpcPlane, peer: str) -> str:
     """The client address behind a gRPC peer string (calls reach the control server through
     the node's one port, from a loopback port the node remembers)."""
     try:
-        return node.control_peer(int(peer.rsplit(":", 1)[1])) or peer
+        return grpc_plane.peer_of(int(peer.rsplit(":", 1)[1])) or peer
     except (IndexError, ValueError):
         return peer

@@ -27,6 +27,7 @@ from homenet.node.listeners import (
 from homenet.node.log import fields
 from homenet.node.query import Query, QueryError
 from homenet.node.relay import Registration, Relay
+from homenet.node.server import GrpcPlane
 
 log = logging.getLogger("homenet.control.relay")
 
@@ -43,10 +44,14 @@ def one_line(text: str, limit: int = 300) -> str:
 def to_event_message(event: Event) -> relay_pb2.RelayMessage:
     if isinstance(event, Incoming):
         return relay_pb2.RelayMessage(
-            incoming=relay_pb2.Incoming(ticket=event.ticket, client=event.client, expires_in=event.expires_in)
+            incoming=relay_pb2.Incoming(
+                ticket=event.ticket, client=event.client, expires_in=event.expires_in, endpoint=event.endpoint
+            )
         )
     if isinstance(event, PoolGrant):
-        return relay_pb2.RelayMessage(pool_grant=relay_pb2.PoolGrant(ticket=event.ticket, expires_in=event.expires_in))
+        return relay_pb2.RelayMessage(
+            pool_grant=relay_pb2.PoolGrant(ticket=event.ticket, expires_in=event.expires_in, endpoint=event.endpoint)
+        )
     if isinstance(event, QueryEvent):
         q = event.query
         assert isinstance(q, Query)
@@ -59,8 +64,10 @@ def to_event_message(event: Event) -> relay_pb2.RelayMessage:
 class RelayServicer(relay_pb2_grpc.RelayServiceServicer):
     """Translates the Listen stream to :class:`Relay` calls and its events back to messages."""
 
-    def __init__(self, relay: Relay) -> None:
+    def __init__(self, relay: Relay, grpc_plane: GrpcPlane, name: str) -> None:
         self.relay = relay
+        self.grpc_plane = grpc_plane
+        self.name = name
 
     async def Listen(
         self, request_iterator: AsyncIterator[relay_pb2.ListenerMessage], context: Context
@@ -74,7 +81,7 @@ class RelayServicer(relay_pb2_grpc.RelayServiceServicer):
             await abort(context, ListenerError("the first message must be register"))
         r = first.register
         reg = Registration(r.listen_id, r.resume_secret, r.name[:128], r.version[:64], r.pool_size, r.node_id)
-        peer = real_peer(self.relay.node, context.peer())
+        peer = real_peer(self.grpc_plane, context.peer())
         try:
             lst, session, secret = self.relay.register(reg, peer, CURRENT_KEY.get())
         except ListenerError as exc:
@@ -86,7 +93,7 @@ class RelayServicer(relay_pb2_grpc.RelayServiceServicer):
                 resume_secret=secret,
                 ping_interval=self.relay.settings.ping_interval,
                 pool_size=lst.pool_size,
-                relay_name=self.relay.node.settings.name,
+                relay_name=self.name,
             )
         )
         reader = asyncio.ensure_future(self._read(request_iterator, session))
@@ -107,7 +114,7 @@ class RelayServicer(relay_pb2_grpc.RelayServiceServicer):
                 session.heard()
                 kind = msg.WhichOneof("msg")
                 if kind == "dial_failed":
-                    self.relay.dial_failed(session, msg.dial_failed.ticket, msg.dial_failed.reason)
+                    self.relay.dialbacks.failed(session, msg.dial_failed.ticket, msg.dial_failed.reason)
                 elif kind == "query_result":
                     r = msg.query_result
                     answer = (
@@ -115,7 +122,7 @@ class RelayServicer(relay_pb2_grpc.RelayServiceServicer):
                         if r.error_code
                         else answer_from_pb(r.response)
                     )
-                    self.relay.query_answered(session, r.id, answer)
+                    self.relay.queries.answered(session, r.id, answer)
         except Exception as exc:  # a broken stream: the listener is gone
             session.close(f"stream broke: {type(exc).__name__}")
             return

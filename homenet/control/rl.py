@@ -22,13 +22,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
-from tenacity import AsyncRetrying, retry_if_exception_type, wait_random_exponential
 
 from homenet import __version__
 from homenet.control.auth import call_metadata
 from homenet.control.client import open_channel
 from homenet.control.discovery import answer_to_pb, query_from_pb
 from homenet.control.errors import status_value
+from homenet.control.stream import Disconnected, Reconnecting
 from homenet.control.v1 import relay_pb2, relay_pb2_grpc
 from homenet.node.address import Route
 from homenet.node.auth import Credentials
@@ -49,12 +49,6 @@ _FATAL = {
     grpc.StatusCode.PERMISSION_DENIED,
     grpc.StatusCode.UNAUTHENTICATED,
 }
-
-
-class Disconnected(HomeNetError):
-    """The stream could not be opened or was lost; retried with backoff."""
-
-    default_code = Code.UNAVAILABLE
 
 
 class Refused(HomeNetError):
@@ -179,11 +173,11 @@ class RLClient:
         self.answer = answer
         self.state = StateFile(opts.state_dir, str(opts.route), opts.role, opts.listen_id)
         self.listen_id = ""
-        self.registered = asyncio.Event()
         self._forwarder: Forwarder | None = None
         self._target_ep = ""
         self._ever_registered = False
         self._fresh = ""
+        self._stream = Reconnecting(str(opts.route), self._session, opts.backoff_max, log, "rl.reconnecting")
 
     @property
     def url(self) -> str:
@@ -224,24 +218,11 @@ class RLClient:
         """Register and serve forever; raises :class:`Refused` if the first registration is refused."""
         self.state.acquire()
         try:
-            while True:
-                retrying = AsyncRetrying(
-                    wait=wait_random_exponential(multiplier=0.1, max=self.opts.backoff_max),
-                    retry=retry_if_exception_type(Disconnected),
-                    before_sleep=self._log_retry,
-                )
-                async for attempt in retrying:
-                    with attempt:
-                        await self._session()
+            await self._stream.run()
         finally:
             self.state.release()
             if self._forwarder is not None:
                 await self._forwarder.close()
-
-    def _log_retry(self, state: object) -> None:
-        outcome = getattr(state, "outcome", None)
-        exc = outcome.exception() if outcome is not None else None
-        log.info("rl.reconnecting", extra=fields(relay=str(self.opts.route), error=str(exc)))
 
     async def _session(self) -> None:
         """One stream's life; returns when it ends cleanly, raises Disconnected otherwise."""
@@ -289,7 +270,6 @@ class RLClient:
             self.state.save(reg.listen_id, reg.resume_secret)
             self._ever_registered = True
             registered = True
-            self.registered.set()
             log.info("rl.registered", extra=fields(url=self.url, pool=reg.pool_size))
             self.announce(f"LISTENING {self.url}")
 
@@ -310,9 +290,9 @@ class RLClient:
                     raise Disconnected("relay ended the stream")
                 kind = msg.WhichOneof("msg")
                 if kind == "incoming":
-                    remote.incoming(msg.incoming.ticket, msg.incoming.client)
+                    remote.incoming(msg.incoming.ticket, msg.incoming.client, msg.incoming.endpoint)
                 elif kind == "pool_grant":
-                    remote.pool_grant(msg.pool_grant.ticket)
+                    remote.pool_grant(msg.pool_grant.ticket, msg.pool_grant.endpoint)
                 elif kind == "ping":
                     await send(relay_pb2.ListenerMessage(pong=relay_pb2.Pong(seq=msg.ping.seq)))
                 elif kind == "query":
@@ -331,7 +311,6 @@ class RLClient:
         except OSError as exc:
             raise Disconnected(str(exc)) from None
         finally:
-            self.registered.clear()
             if remote is not None:
                 await remote.close()
             call.cancel()

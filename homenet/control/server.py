@@ -7,7 +7,7 @@ only translate between protobuf and the node core.
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import grpc
@@ -18,6 +18,7 @@ from grpc_reflection.v1alpha import reflection
 from homenet import __version__
 from homenet.control.v1 import node_pb2, node_pb2_grpc
 from homenet.node.server import Node
+from homenet.node.sessions import SessionTable
 
 #: gRPC service names this node serves (health reports on each and on "").
 SERVICES = (node_pb2.DESCRIPTOR.services_by_name["NodeService"].full_name,)
@@ -27,25 +28,27 @@ MAX_MESSAGE = 4 * 1024 * 1024
 class NodeServicer(node_pb2_grpc.NodeServiceServicer):
     """NodeService: status and sessions of one node."""
 
-    def __init__(self, node: Node) -> None:
+    def __init__(self, node: Node, listeners: Callable[[], int]) -> None:
         self.node = node
+        self.sessions: SessionTable = node.sessions
+        self.listeners = listeners
 
     async def GetStatus(
         self, request: node_pb2.GetStatusRequest, context: grpc.aio.ServicerContext[object, object]
     ) -> node_pb2.NodeStatus:
         n = self.node
-        t = n.totals
+        t = self.sessions.totals
         return node_pb2.NodeStatus(
             name=n.settings.name,
             version=__version__,
             uptime_seconds=max(0.0, time.time() - n.started),
             address=n.url,
-            active_sessions=len(n.sessions),
+            active_sessions=len(self.sessions),
             total_sessions=t.sessions,
             bytes_up=t.bytes_up,
             bytes_down=t.bytes_down,
             refused_sessions=t.refused,
-            listeners=n.listener_count(),
+            listeners=self.listeners(),
             state=n.state,
         )
 
@@ -63,7 +66,7 @@ class NodeServicer(node_pb2_grpc.NodeServiceServicer):
                     bytes_up=s.bytes_up,
                     bytes_down=s.bytes_down,
                 )
-                for s in sorted(self.node.sessions.values(), key=lambda s: s.id)
+                for s in sorted(self.sessions.live.values(), key=lambda s: s.id)
             ]
         )
 
@@ -86,8 +89,8 @@ class ControlServer:
         self.health = HealthServicer()
         self.port = 0
 
-    def add_node(self, node: Node) -> None:
-        node_pb2_grpc.add_NodeServiceServicer_to_server(NodeServicer(node), self.server)
+    def add_node(self, node: Node, listeners: Callable[[], int]) -> None:
+        node_pb2_grpc.add_NodeServiceServicer_to_server(NodeServicer(node, listeners), self.server)
 
     async def start(self) -> tuple[str, int]:
         """Register health and reflection, bind 127.0.0.1:0, start; returns the endpoint."""

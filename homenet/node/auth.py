@@ -13,6 +13,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import hmac
+import logging
 import secrets
 import time
 from collections import OrderedDict
@@ -21,6 +22,10 @@ from dataclasses import dataclass
 
 from homenet.node.errors import Code, HomeNetError
 from homenet.node.keys import Key, KeyStore, Secret
+from homenet.node.limits import SourceLimiter
+from homenet.node.log import fields
+
+log = logging.getLogger("homenet.auth")
 
 #: Seconds a token's timestamp may differ from the verifier's clock, either way.
 SKEW = 60.0
@@ -94,3 +99,21 @@ class Verifier:
         if not key.allows(role):
             raise AuthError(f"key {kid} lacks the {role} role", forbidden=True)
         return key
+
+
+class Authorizer:
+    """Checks a request's token for a role; a failed login counts against its source (see
+    :class:`SourceLimiter`: enough of them block the source for a while)."""
+
+    def __init__(self, verifier: Verifier, limiter: SourceLimiter) -> None:
+        self.verifier = verifier
+        self.limiter = limiter
+
+    def authorize(self, context: str, token: dict[str, str], role: str, source: str) -> Key:
+        """The key that signed ``context`` if it holds ``role``; raises :class:`AuthError`."""
+        try:
+            return self.verifier.verify(context, token, role)
+        except AuthError as exc:
+            if not exc.forbidden and self.limiter.failed(source):
+                log.warning("auth.source_blocked", extra=fields(source=source))
+            raise

@@ -46,13 +46,16 @@ class Opened:
     parser: ReplyParser | None = None
 
 
-async def dial_endpoint(ep: Endpoint, timeout: float, tls: ssl.SSLContext | None = None) -> socket.socket:
-    """Connect to a node's endpoint (any address it resolves to), over TLS if ``tls`` is given."""
+async def dial_endpoint(
+    ep: Endpoint, timeout: float, tls: ssl.SSLContext | None = None, server_hostname: str | None = None
+) -> socket.socket:
+    """Connect to a node's endpoint (any address it resolves to), over TLS if ``tls`` is given
+    (verifying the node as ``server_hostname``, by default the endpoint's host)."""
     sock = await _dial(ep, timeout)
     if tls is None:
         return sock
     try:
-        return await connect_tls(sock, tls, ep.host, timeout)
+        return await connect_tls(sock, tls, server_hostname or ep.host, timeout)
     except TLSError as exc:
         raise RouteFailed(f"{ep}: {exc}") from None
 
@@ -106,8 +109,12 @@ async def open_route(
     wait_final: bool = True,
     creds: Credentials | None = None,
     tls: ssl.SSLContext | None = None,
+    via: Endpoint | None = None,
 ) -> Opened:
     """Connect through every hop of ``route``; ``first`` is sent along with the requests.
+
+    ``via`` is another address of the route's first node to connect to (a relay's own
+    address behind a load balancer); TLS still verifies the node's name from the route.
 
     ``final`` is one more request line for the last node (a listener's TICKET or POOL); its
     reply is awaited too unless ``wait_final`` is False (the caller reads it later).
@@ -122,7 +129,7 @@ async def open_route(
             tls = client_context(os.environ.get("HOMENET_TLS_CA") or None)
         except TLSError as exc:
             raise RouteFailed(str(exc)) from None
-    sock = await dial_endpoint(route.entry, timeout, tls if route.tls else None)
+    sock = await dial_endpoint(via or route.entry, timeout, tls if route.tls else None, route.entry.host)
     parser = ReplyParser()
     last: Reply | None = None
     try:

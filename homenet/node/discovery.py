@@ -215,7 +215,6 @@ class Discovery:
         self._browser: AsyncServiceBrowser | None = None
         self._tasks: set[asyncio.Task[None]] = set()
         self._resolving = asyncio.Semaphore(8)
-        self.changed = asyncio.Event()
 
     async def start(self) -> None:
         from zeroconf.asyncio import AsyncServiceBrowser, AsyncZeroconf
@@ -241,7 +240,6 @@ class Discovery:
             gone = self.services.pop(key, None)
             if gone is not None:
                 log.info("discovery.removed", extra=fields(name=gone.name, type=service_type, listen_id=gone.listen_id))
-                self._notify()
             return
         if len(self.services) >= MAX_SERVICES and key not in self.services:
             log.warning("discovery.table_full", extra=fields(limit=MAX_SERVICES))
@@ -294,11 +292,6 @@ class Discovery:
                 "discovery.found",
                 extra=fields(name=svc.name, type=type_, listen_id=svc.listen_id, port=svc.port, addresses=addresses),
             )
-            self._notify()
-
-    def _notify(self) -> None:
-        self.changed.set()
-        self.changed = asyncio.Event()
 
     def by_listen_id(self, listen_id: str) -> Service | None:
         for svc in self.services.values():

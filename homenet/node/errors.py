@@ -59,3 +59,10 @@ class UsageError(HomeNetError):
 
     default_code = Code.BAD_REQUEST
     usage = True
+
+
+class RouteError(HomeNetError):
+    """A request the node answers with an error reply (``code``, one-line ``reason``)."""
+
+    def __init__(self, code: Code, reason: str) -> None:
+        super().__init__(reason, code)

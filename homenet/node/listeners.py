@@ -85,6 +85,8 @@ class Incoming:
     ticket: str
     client: str
     expires_in: float
+    #: Where to dial back (``host:port``; empty: the relay's address the listener knows).
+    endpoint: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -93,6 +95,8 @@ class PoolGrant:
 
     ticket: str
     expires_in: float
+    #: Where to park it (as :attr:`Incoming.endpoint`).
+    endpoint: str = ""
 
 
 @dataclass(frozen=True, slots=True)

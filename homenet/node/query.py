@@ -2,18 +2,22 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
 
 from homenet.node.address import MAX_HOPS
 from homenet.node.auth import AuthError, Verifier
 from homenet.node.discovery import Discovery, Service
 from homenet.node.errors import Code, HomeNetError
-from homenet.node.listeners import LISTEN_ID
-
-if TYPE_CHECKING:
-    from homenet.node.relay import Relay
+from homenet.node.listeners import (
+    LISTEN_ID,
+    ListenerNotFound,
+    ListenerOffline,
+    ListenerRegistry,
+    ListenerSession,
+    QueryEvent,
+)
 
 #: Seconds each hop keeps for itself out of the caller's deadline.
 HOP_MARGIN = 0.25
@@ -79,6 +83,54 @@ class QueryAnswer:
     discovery_enabled: bool = False
 
 
+class ListenerQueries:
+    """Queries forwarded down listener streams, waiting for their answers (relay role)."""
+
+    def __init__(self, registry: ListenerRegistry) -> None:
+        self.registry = registry
+        self._pending: dict[int, tuple[ListenerSession, asyncio.Future[QueryAnswer]]] = {}
+        self._ids = 0
+
+    async def forward(self, listen_id: str, query: Query) -> QueryAnswer:
+        """Ask listener ``listen_id`` (and, through it, the rest of ``query.path``)."""
+        try:
+            lst = self.registry.get(listen_id)
+        except ListenerNotFound as exc:
+            raise QueryError("not_found", str(exc)) from None
+        except ListenerOffline as exc:
+            raise QueryError("unavailable", str(exc)) from None
+        session = lst.session
+        assert session is not None
+        self._ids += 1
+        qid = self._ids
+        fut: asyncio.Future[QueryAnswer] = asyncio.get_running_loop().create_future()
+        self._pending[qid] = (session, fut)
+        session.send(QueryEvent(qid, query))
+        try:
+            async with asyncio.timeout(query.timeout + 0.1):
+                return await fut
+        except TimeoutError:
+            raise QueryError("deadline", f"listener {listen_id} did not answer within {query.timeout:g}s") from None
+        finally:
+            self._pending.pop(qid, None)
+
+    def answered(self, session: ListenerSession, qid: int, answer: QueryAnswer | QueryError) -> None:
+        """A listener's answer to query ``qid`` (ignored unless it came from the asked session)."""
+        pending = self._pending.get(qid)
+        if pending is None or pending[0] is not session or pending[1].done():
+            return
+        if isinstance(answer, QueryError):
+            pending[1].set_exception(answer)
+        else:
+            pending[1].set_result(answer)
+
+    def fail(self, session: ListenerSession) -> None:
+        """``session`` went offline: its pending queries fail now."""
+        for s, fut in list(self._pending.values()):
+            if s is session and not fut.done():
+                fut.set_exception(QueryError("unavailable", "listener went offline while answering"))
+
+
 class QueryRouter:
     """Answers :class:`Query` for one node (its relay role forwards the rest of the path).
 
@@ -88,9 +140,11 @@ class QueryRouter:
     this node directly was checked on its metadata by the gRPC interceptor.
     """
 
-    def __init__(self, node_name: str, relay: Relay, discovery: Discovery | None, verifier: Verifier | None) -> None:
+    def __init__(
+        self, node_name: str, forwarder: ListenerQueries, discovery: Discovery | None, verifier: Verifier | None
+    ) -> None:
         self.node_name = node_name
-        self.relay = relay
+        self.forwarder = forwarder
         self.discovery = discovery
         self.verifier = verifier
 
@@ -109,7 +163,7 @@ class QueryRouter:
                 return QueryAnswer([], self.node_name, False)
             return QueryAnswer(self.discovery.query(q.name, q.type), self.node_name, True)
         nxt = Query(q.path[1:], q.name, q.type, max(MIN_TIMEOUT, q.timeout - HOP_MARGIN), q.origin, q.token)
-        return await self.relay.forward_query(q.path[0], nxt)
+        return await self.forwarder.forward(q.path[0], nxt)
 
 
 def check_path(path: Sequence[str]) -> None:

@@ -12,35 +12,36 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import socket
 import time
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 from homenet.node.address import MAX_HOPS, ListenId
-from homenet.node.errors import Code
-from homenet.node.keys import Key
-from homenet.node.limits import source_of
+from homenet.node.connection import Handshake
+from homenet.node.dialback import DialBacks, DialWaiter, TicketOwner
+from homenet.node.errors import Code, RouteError
+from homenet.node.keys import Key, KeyStore
+from homenet.node.limits import SourceLimiter
 from homenet.node.listeners import (
-    Incoming,
     Listener,
     ListenerError,
     ListenerForbidden,
     ListenerLoop,
-    ListenerNotFound,
-    ListenerOffline,
     ListenerRegistry,
     ListenerSession,
     Ping,
-    PoolGrant,
-    QueryEvent,
 )
 from homenet.node.log import fields
+from homenet.node.pool import ParkedPool
 from homenet.node.preamble import Verb, encode_reply
-from homenet.node.query import Query, QueryAnswer, QueryError
-from homenet.node.server import Handshake, Node, RouteError, SessionInfo, Target
-from homenet.node.tickets import TicketBook, TicketError
+from homenet.node.query import ListenerQueries
+from homenet.node.sessions import SessionInfo, Target
+from homenet.node.tickets import TicketBook
 
 log = logging.getLogger("homenet.relay")
+
+#: Serves a data-plane request with another verb than CONNECT; True when it took the socket.
+VerbHandler = Callable[[Handshake], bool]
 
 
 @dataclass(frozen=True, slots=True)
@@ -63,6 +64,9 @@ class RelaySettings:
     rl_auth: str = "required"
     #: Sessions one listener may have at once.
     max_listener_sessions: int = 1000
+    #: Where listeners dial back and park (``host:port`` of this very relay, e.g. its pod
+    #: address behind a load balancer); empty: the address they reached the relay at.
+    advertise: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -77,37 +81,31 @@ class Registration:
     node_id: str
 
 
-@dataclass(frozen=True, slots=True)
-class _DialWaiter:
-    """A client waiting for its listener to dial back (from ``source``)."""
-
-    session: ListenerSession
-    fut: asyncio.Future[socket.socket]
-    source: str
-
-
-def _waiter(owner: object) -> _DialWaiter:
-    assert isinstance(owner, _DialWaiter)
-    return owner
-
-
 class Relay:
-    """Relay role of one :class:`Node`: listener registry, tickets, pool, dial-back."""
+    """Relay role of one node: registration, the listener directory, dial-back, the warm pool,
+    query forwarding, and the housekeeping (pings, expiry) that keeps them true."""
 
-    def __init__(self, node: Node, settings: RelaySettings | None = None) -> None:
-        self.node = node
-        self.settings = settings or RelaySettings()
-        self.registry = ListenerRegistry(self.settings.offline_hold)
-        self.tickets: TicketBook[object] = TicketBook()
-        self._parked_at: dict[int, float] = {}
-        self._queries: dict[int, tuple[ListenerSession, asyncio.Future[QueryAnswer]]] = {}
-        self._query_ids = 0
+    def __init__(
+        self, limiter: SourceLimiter, keys: KeyStore, node_id: str, settings: RelaySettings | None = None
+    ) -> None:
+        self.limiter = limiter
+        self.keys = keys
+        #: The id of this node process: a registration from it is a loop.
+        self.node_id = node_id
+        self.settings = s = settings or RelaySettings()
+        self.registry = ListenerRegistry(s.offline_hold)
+        tickets: TicketBook[TicketOwner] = TicketBook()
+        self.tickets = tickets
+        self.dialbacks = DialBacks(tickets, limiter, s.dialback_timeout, s.advertise)
+        self.pool = ParkedPool(tickets, limiter, s.pool_ticket_ttl, s.pool_max_age, s.advertise)
+        self.queries = ListenerQueries(self.registry)
         self._seq = 0
         self._ticker: asyncio.Task[None] | None = None
-        node.listener_route = self.route_listener
-        node.verbs[Verb.TICKET] = self.on_ticket
-        node.verbs[Verb.POOL] = self.on_pool
-        node.listener_count = self.registry.online_count
+
+    @property
+    def verbs(self) -> Mapping[Verb, VerbHandler]:
+        """The data-plane verbs of this role: listeners dialing back and parking."""
+        return {Verb.TICKET: self.dialbacks.redeem, Verb.POOL: self.pool.park}
 
     def start(self) -> None:
         self._ticker = asyncio.get_running_loop().create_task(self._tick())
@@ -120,7 +118,7 @@ class Relay:
         for lst in self.registry.all():
             if lst.session is not None:
                 lst.session.close("relay shutting down")
-            self._drop_pool(lst)
+            self.pool.drop(lst)
 
     # -- registration (called by the control plane) ------------------------------------------
     def register(self, reg: Registration, peer: str, key: Key | None = None) -> tuple[Listener, ListenerSession, str]:
@@ -131,22 +129,9 @@ class Relay:
         unless that is another key's id); an admin key may claim any. Anonymous callers
         (``rl_auth=open`` only) get a random id or claim one no key reserves.
         """
-        if reg.node_id and reg.node_id == self.node.node_id:
+        if reg.node_id and reg.node_id == self.node_id:
             raise ListenerLoop("this relay is the registering node itself: the --rl route loops back")
-        claim = reg.listen_id
-        if key is not None:
-            claim = claim or key.id
-            own = claim == key.id or (
-                claim.startswith(f"{key.id}-") and claim not in self.node.keys.reserved_listen_ids()
-            )
-            if not own and "admin" not in key.roles:
-                raise ListenerForbidden(
-                    f"key {key.id} may claim only the listenId {key.id} or {key.id}-SUFFIX, not {claim[:64]}"
-                )
-        elif self.settings.rl_auth != "open":
-            raise ListenerForbidden("this relay needs a listen key (set HOMENET_KEY=ID:SECRET)")
-        elif claim and claim in self.node.keys.reserved_listen_ids():
-            raise ListenerForbidden(f"listenId {claim} is reserved for key {claim}")
+        claim = self._claimable(reg.listen_id, key)
         lst, secret, replaced = self.registry.claim(claim, reg.resume_secret)
         if replaced is not None and replaced.session is not None:
             replaced.session.close("replaced by a newer registration of the same owner")
@@ -161,8 +146,23 @@ class Relay:
                 listen_id=lst.listen_id, peer=peer, name=reg.name, pool=lst.pool_size, takeover=bool(replaced)
             ),
         )
-        self._refill(lst)
+        self.pool.refill(lst)
         return lst, session, secret
+
+    def _claimable(self, claim: str, key: Key | None) -> str:
+        """The listenId the caller may claim for ``claim``; raises ListenerForbidden."""
+        if key is not None:
+            claim = claim or key.id
+            own = claim == key.id or (claim.startswith(f"{key.id}-") and claim not in self.keys.reserved_listen_ids())
+            if not own and "admin" not in key.roles:
+                raise ListenerForbidden(
+                    f"key {key.id} may claim only the listenId {key.id} or {key.id}-SUFFIX, not {claim[:64]}"
+                )
+        elif self.settings.rl_auth != "open":
+            raise ListenerForbidden("this relay needs a listen key (set HOMENET_KEY=ID:SECRET)")
+        elif claim and claim in self.keys.reserved_listen_ids():
+            raise ListenerForbidden(f"listenId {claim} is reserved for key {claim}")
+        return claim
 
     def unregister(self, lst: Listener, session: ListenerSession, reason: str) -> None:
         """The stream of ``session`` ended: the listener goes offline (if still current)."""
@@ -183,102 +183,46 @@ class Relay:
         log.info("listener.kicked", extra=fields(listen_id=listen_id))
         return True
 
-    def pong(self, session: ListenerSession) -> None:
-        session.heard()
-
-    def dial_failed(self, session: ListenerSession, ticket: str, reason: str) -> None:
-        """The listener reports it cannot dial back: fail the waiting client now."""
-        try:
-            entry = self.tickets.redeem(ticket, "dial")
-        except TicketError:
-            return
-        waiter = _waiter(entry.owner)
-        self.node.limiter.unexpect(waiter.source)
-        if waiter.session is session and not waiter.fut.done():
-            waiter.fut.set_exception(RouteError(Code.BAD_GATEWAY, f"listener could not dial back: {reason[:200]}"))
-
-    # -- discovery queries ------------------------------------------------------------------
-    async def forward_query(self, listen_id: str, query: Query) -> QueryAnswer:
-        """Ask listener ``listen_id`` (and, through it, the rest of ``query.path``)."""
-        try:
-            lst = self.registry.get(listen_id)
-        except ListenerNotFound as exc:
-            raise QueryError("not_found", str(exc)) from None
-        except ListenerOffline as exc:
-            raise QueryError("unavailable", str(exc)) from None
-        session = lst.session
-        assert session is not None
-        self._query_ids += 1
-        qid = self._query_ids
-        fut: asyncio.Future[QueryAnswer] = asyncio.get_running_loop().create_future()
-        self._queries[qid] = (session, fut)
-        session.send(QueryEvent(qid, query))
-        try:
-            async with asyncio.timeout(query.timeout + 0.1):
-                return await fut
-        except TimeoutError:
-            raise QueryError("deadline", f"listener {listen_id} did not answer within {query.timeout:g}s") from None
-        finally:
-            self._queries.pop(qid, None)
-
-    def query_answered(self, session: ListenerSession, qid: int, answer: QueryAnswer | QueryError) -> None:
-        """A listener's answer to query ``qid`` (ignored unless it came from the asked session)."""
-        pending = self._queries.get(qid)
-        if pending is None or pending[0] is not session or pending[1].done():
-            return
-        if isinstance(answer, QueryError):
-            pending[1].set_exception(answer)
-        else:
-            pending[1].set_result(answer)
-
-    def _ticket_died(self, owner: object) -> None:
-        """A ticket was revoked with its listener's session: a waiting client hears it now."""
-        if isinstance(owner, _DialWaiter):
-            self.node.limiter.unexpect(owner.source)
-            if not owner.fut.done():
-                owner.fut.set_exception(RouteError(Code.UNAVAILABLE, "listener went offline before dialing back"))
-        elif isinstance(owner, Listener):
-            self.node.limiter.unexpect(source_of(owner.peer))
-
-    def _fail_queries(self, session: ListenerSession) -> None:
-        for s, fut in list(self._queries.values()):
-            if s is session and not fut.done():
-                fut.set_exception(QueryError("unavailable", "listener went offline while answering"))
-
     def _offline(self, lst: Listener) -> None:
-        if lst.session is not None:
-            session = lst.session
+        session = lst.session
+        if session is not None:
             self.tickets.revoke(
-                lambda owner: owner is lst or (isinstance(owner, _DialWaiter) and owner.session is session),
+                lambda owner: owner is lst or (isinstance(owner, DialWaiter) and owner.session is session),
                 on_revoke=self._ticket_died,
             )
-            self._fail_queries(session)
-            lst.session.close(lst.session.close_reason or "offline")
-        self._drop_pool(lst)
-        lst.grants_out = 0
+            self.queries.fail(session)
+            session.close(session.close_reason or "offline")
+        self.pool.drop(lst)
         lst.session = None
 
-    # -- data plane ----------------------------------------------------------------------------
-    async def route_listener(self, hs: Handshake, hop: ListenId) -> Target:
-        """Reach listener ``hop`` for a client: from the pool, else by dial-back."""
+    def _ticket_died(self, owner: TicketOwner) -> None:
+        if isinstance(owner, DialWaiter):
+            self.dialbacks.died(owner)
+        else:
+            self.pool.grant_died(owner)
+
+    # -- data plane (the router's Listeners) -----------------------------------------------------
+    def lookup(self, hop: ListenId) -> Listener | None:
+        """The online listener ``hop``, None if unknown; raises ListenerOffline (503)."""
         try:
-            lst = self.registry.get(hop.value)
-        except ListenerNotFound as exc:
-            raise RouteError(Code.NOT_FOUND, str(exc)) from None
-        except ListenerOffline as exc:
-            raise RouteError(Code.UNAVAILABLE, str(exc)) from None
+            return self.registry.get(hop.value)
+        except ListenerError as exc:
+            if exc.code is Code.NOT_FOUND:
+                return None
+            raise
+
+    async def connect(self, hs: Handshake, lst: Listener) -> Target:
+        """Reach ``lst`` for a client: from its pool, else by dial-back."""
         depth = hs.depth + 1
         if depth > MAX_HOPS:
             raise RouteError(Code.HOP_LIMIT, f"route longer than {MAX_HOPS} hops")
-        if self.node.settings.connect_auth == "all":
-            self.node.authorize(hs, "connect")
         if lst.active >= self.settings.max_listener_sessions:
             raise RouteError(Code.TOO_MANY, f"listener {lst.listen_id} at its limit of {lst.active} sessions")
         session = lst.session
         assert session is not None
-        sock = self._take_parked(lst)
+        sock = self.pool.take(lst)
         if sock is None:
-            sock = await self._dial_back(lst, session, hs.peer)
+            sock = await self.dialbacks.wait(lst, session, hs.peer)
         lst.active += 1
         lst.total += 1
 
@@ -288,122 +232,8 @@ class Relay:
             lst.bytes_down += info.bytes_down
 
         # the activation line goes out with the client's first bytes, in one send
-        return Target(
-            sock, f"listener {lst.listen_id}", done, greeting=encode_reply(Code.OK, fields={"hop": str(depth)})
-        )
-
-    async def _dial_back(self, lst: Listener, session: ListenerSession, client: str) -> socket.socket:
-        fut: asyncio.Future[socket.socket] = asyncio.get_running_loop().create_future()
-        ttl = self.settings.dialback_timeout
-        source = source_of(session.peer)
-        self.node.limiter.expect(source)
-        ticket = self.tickets.issue(
-            "dial", _DialWaiter(session, fut, source), ttl, on_expire=lambda: self.node.limiter.unexpect(source)
-        )
-        session.send(Incoming(ticket, client, ttl))
-        try:
-            async with asyncio.timeout(ttl):
-                return await fut
-        except TimeoutError:
-            if fut.done() and not fut.cancelled() and fut.exception() is None:
-                fut.result().close()  # arrived at the last moment: nobody will use it
-            raise RouteError(
-                Code.GATEWAY_TIMEOUT, f"listener {lst.listen_id} did not dial back within {ttl:g}s"
-            ) from None
-        finally:
-            if not fut.done():
-                fut.cancel()
-
-    async def on_ticket(self, hs: Handshake) -> bool:
-        """``HN/1 TICKET <ticket>``: a listener dialing back for a waiting client."""
-        assert hs.request is not None
-        try:
-            entry = self.tickets.redeem(hs.request.arg, "dial")
-        except TicketError as exc:
-            raise RouteError(Code.UNAUTHORIZED, str(exc)) from None
-        waiter = _waiter(entry.owner)
-        self.node.limiter.unexpect(waiter.source)
-        self.node.release_admission(hs)
-        if hs.trailing:
-            raise RouteError(Code.BAD_REQUEST, "unexpected bytes after TICKET")
-        if waiter.fut.done() or waiter.session.closed:
-            raise RouteError(Code.TIMEOUT, "the client stopped waiting")
-        waiter.fut.set_result(hs.sock)
-        return True
-
-    async def on_pool(self, hs: Handshake) -> bool:
-        """``HN/1 POOL <ticket>``: a listener parks a warm connection."""
-        assert hs.request is not None
-        try:
-            entry = self.tickets.redeem(hs.request.arg, "pool")
-        except TicketError as exc:
-            raise RouteError(Code.UNAUTHORIZED, str(exc)) from None
-        lst = entry.owner
-        assert isinstance(lst, Listener)
-        self.node.limiter.unexpect(source_of(lst.peer))
-        self.node.release_admission(hs)
-        if hs.trailing:
-            raise RouteError(Code.BAD_REQUEST, "unexpected bytes after POOL")
-        lst.grants_out = max(0, lst.grants_out - 1)
-        if not lst.online or len(lst.pool) >= lst.pool_size:
-            raise RouteError(Code.TOO_MANY, "pool is full or its listener is gone")
-        sock = hs.sock
-        lst.pool.append(sock)
-        self._parked_at[sock.fileno()] = time.monotonic()
-        # A parked connection must stay silent: readable means closed (or misbehaving).
-        asyncio.get_running_loop().add_reader(sock.fileno(), self._parked_died, lst, sock)
-        return True
-
-    def _take_parked(self, lst: Listener) -> socket.socket | None:
-        loop = asyncio.get_running_loop()
-        while lst.pool:
-            sock = lst.pool.popleft()
-            loop.remove_reader(sock.fileno())
-            self._parked_at.pop(sock.fileno(), None)
-            self._refill(lst)
-            try:
-                if sock.recv(1, socket.MSG_PEEK) == b"":  # closed while parked
-                    sock.close()
-                    continue
-            except BlockingIOError:
-                return sock  # alive and silent: good
-            except OSError:
-                sock.close()
-                continue
-            sock.close()  # it sent bytes unasked
-        return None
-
-    def _parked_died(self, lst: Listener, sock: socket.socket) -> None:
-        if sock in lst.pool:
-            lst.pool.remove(sock)
-            asyncio.get_running_loop().remove_reader(sock.fileno())
-            self._parked_at.pop(sock.fileno(), None)
-            sock.close()
-            self._refill(lst)
-
-    def _drop_pool(self, lst: Listener) -> None:
-        loop = asyncio.get_running_loop()
-        while lst.pool:
-            sock = lst.pool.popleft()
-            loop.remove_reader(sock.fileno())
-            self._parked_at.pop(sock.fileno(), None)
-            sock.close()
-
-    def _refill(self, lst: Listener) -> None:
-        """Grant pool tickets until parked + granted reaches the pool size."""
-        session = lst.session
-        if session is None or session.closed:
-            return
-        ttl = self.settings.pool_ticket_ttl
-        while len(lst.pool) + lst.grants_out < lst.pool_size:
-            lst.grants_out += 1
-
-            def expired(lst: Listener = lst) -> None:
-                lst.grants_out = max(0, lst.grants_out - 1)
-                self.node.limiter.unexpect(source_of(lst.peer))
-
-            self.node.limiter.expect(source_of(lst.peer))
-            session.send(PoolGrant(self.tickets.issue("pool", lst, ttl, on_expire=expired), ttl))
+        greeting = encode_reply(Code.OK, fields={"hop": str(depth)})
+        return Target(sock, f"listener {lst.listen_id}", done, greeting=greeting)
 
     # -- housekeeping ------------------------------------------------------------------------
     async def _tick(self) -> None:
@@ -429,11 +259,7 @@ class Relay:
                 self.unregister(lst, session, f"no pong for {dead_after:g}s")
                 continue
             session.send(Ping(self._seq))
-            for sock in [
-                s for s in lst.pool if now - self._parked_at.get(s.fileno(), now) > self.settings.pool_max_age
-            ]:
-                self._parked_died(lst, sock)  # recycle: NAT mappings of old idle flows go stale
-            self._refill(lst)
+            self.pool.recycle(lst, now)
 
 
 __all__ = ["ListenerError", "Registration", "Relay", "RelaySettings"]

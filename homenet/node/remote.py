@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ipaddress
 import logging
 import socket
 import ssl
 from collections.abc import Awaitable, Callable
 
-from homenet.node.address import Endpoint, Route
+from homenet.node.address import AddressError, Endpoint, Route, parse_endpoint
 from homenet.node.auth import Credentials
 from homenet.node.client import RouteFailed, dial_endpoint, next_reply, open_route
 from homenet.node.log import fields
@@ -27,6 +28,23 @@ log = logging.getLogger("homenet.remote")
 Serve = Callable[[socket.socket, str, bytes, int], Awaitable[None]]
 #: Tells the relay a dial-back failed: (ticket, reason).
 ReportFailure = Callable[[str, str], Awaitable[None]]
+
+
+def advertised(route: Route, endpoint: str) -> Endpoint | None:
+    """The address a relay asked us to dial back or park at, if we may use it.
+
+    Only for a relay we reach directly (no hops), and only a global IP address: a relay must
+    not be able to point its listener at the listener's own LAN, loopback or link-local
+    neighbours (the listener would knock there with the relay's bytes).
+    """
+    if not endpoint or route.hops:
+        return None
+    try:
+        ep = parse_endpoint(endpoint)
+        addr = ipaddress.ip_address(ep.host)
+    except (AddressError, ValueError):
+        return None
+    return ep if addr.is_global else None
 
 
 def hop_depth(reply: Reply | None) -> int:
@@ -48,7 +66,6 @@ class RemoteListen:
         self.serve = serve
         self.report_failure = report_failure
         self.timeout = timeout
-        self.parked = 0
         self._tasks: set[asyncio.Task[None]] = set()
 
     def spawn(self, coro: Awaitable[None]) -> None:
@@ -57,15 +74,16 @@ class RemoteListen:
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    def incoming(self, ticket: str, client: str) -> None:
-        """A client is waiting at the relay: dial back with ``ticket``."""
-        self.spawn(self._dial_back(ticket, client))
+    def incoming(self, ticket: str, client: str, endpoint: str = "") -> None:
+        """A client is waiting at the relay: dial back with ``ticket`` (at ``endpoint``, the
+        relay's own address, when it gave one we may use)."""
+        self.spawn(self._dial_back(ticket, client, advertised(self.route, endpoint)))
 
-    def pool_grant(self, ticket: str) -> None:
+    def pool_grant(self, ticket: str, endpoint: str = "") -> None:
         """The relay allows one more parked connection."""
-        self.spawn(self._park(ticket))
+        self.spawn(self._park(ticket, advertised(self.route, endpoint)))
 
-    async def _dial_back(self, ticket: str, client: str) -> None:
+    async def _dial_back(self, ticket: str, client: str, via: Endpoint | None) -> None:
         try:
             opened = await open_route(
                 self.route,
@@ -73,6 +91,7 @@ class RemoteListen:
                 timeout=self.timeout,
                 creds=self.creds,
                 tls=self.tls,
+                via=via,
             )
         except RouteFailed as exc:
             log.warning("rl.dial_back_failed", extra=fields(client=client, error=str(exc)))
@@ -82,7 +101,7 @@ class RemoteListen:
         depth = hop_depth(opened.last)
         await self.serve(opened.sock, f"{client} via {self.route.entry}", opened.early, depth)
 
-    async def _park(self, ticket: str) -> None:
+    async def _park(self, ticket: str, via: Endpoint | None) -> None:
         try:
             opened = await open_route(
                 self.route,
@@ -91,13 +110,13 @@ class RemoteListen:
                 wait_final=False,
                 creds=self.creds,
                 tls=self.tls,
+                via=via,
             )
         except RouteFailed as exc:
             log.debug("rl.park_failed", extra=fields(error=str(exc)))
             return
         sock, parser = opened.sock, opened.parser
         assert parser is not None
-        self.parked += 1
         try:
             reply = await next_reply(sock, parser)  # parked until a client comes (or the relay drops it)
         except (OSError, ProtocolError):
@@ -106,8 +125,6 @@ class RemoteListen:
         except BaseException:
             sock.close()
             raise
-        finally:
-            self.parked -= 1
         if not reply.ok:
             log.debug("rl.park_refused", extra=fields(code=int(reply.code), reason=reply.reason))
             sock.close()

@@ -96,6 +96,9 @@ class Settings:
     tls_client_ca: str | None = None
     #: CA bundle to verify hns:// relays with (default: the system store).
     tls_ca: str | None = None
+    #: Relay role: ``host:port`` listeners dial back to (this process's own address when a
+    #: load balancer spreads the public one over many relays); empty: the public address.
+    advertise: str = ""
 
     def __post_init__(self) -> None:
         if not 0 <= self.port <= 65535:
@@ -144,6 +147,11 @@ class Settings:
             value = getattr(self, name)
             if not (math.isfinite(value) and value > 0):
                 raise SettingsError(f"{name} must be > 0, got {value}")
+        if self.advertise:
+            try:
+                parse_endpoint(self.advertise)
+            except AddressError as exc:
+                raise SettingsError(f"advertise {self.advertise!r}: {exc}") from None
         if not (math.isfinite(self.idle_timeout) and self.idle_timeout >= 0):
             raise SettingsError(f"idle_timeout must be >= 0 (0 disables it), got {self.idle_timeout}")
 
@@ -237,7 +245,7 @@ def load_settings(
             sources[name] = f"config {path}"
     for name, f in by_name.items():
         var = f"HOMENET_{name.upper()}"
-        if var in env:
+        if var in env and not (env[var] == "" and f.default is None):  # VAR= means unset, as in a shell
             values[name] = _coerce(f, env[var], var)
             sources[name] = var
     for name, value in (flags or {}).items():

@@ -7,7 +7,8 @@ import grpc
 import pytest
 
 from homenet.control.errors import CODE_OF_STATUS, STATUS, code_of_status_value, status_of, status_value
-from homenet.control.rl import Disconnected, IdentityBusy, Refused
+from homenet.control.rl import IdentityBusy, Refused
+from homenet.control.stream import Disconnected
 from homenet.node.address import AddressError
 from homenet.node.auth import AuthError
 from homenet.node.errors import Code, HomeNetError

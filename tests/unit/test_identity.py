@@ -12,6 +12,7 @@ import pytest
 from homenet.control.errors import status_of
 from homenet.control.rl import IdentityBusy, StateFile
 from homenet.node.keys import KeyStore
+from homenet.node.limits import SourceLimiter
 from homenet.node.listeners import (
     WAR_HOLD,
     WAR_TAKEOVERS,
@@ -21,8 +22,6 @@ from homenet.node.listeners import (
     TakeoverWar,
 )
 from homenet.node.relay import Registration, Relay, RelaySettings
-from homenet.node.server import Node
-from homenet.node.settings import Settings
 
 URL = "hn://127.0.0.1:6969"
 
@@ -145,12 +144,11 @@ def relay(tmp_path: Path) -> Relay:
     store = KeyStore(tmp_path / "keys.toml")
     store.add("home1", ["listen"])
     store.add("home1-nas", ["listen"])
-    settings = Settings(name="t", mdns=False, port=0, keys_file=str(tmp_path / "keys.toml"), state_dir=str(tmp_path))
-    return Relay(Node(settings), RelaySettings(ping_interval=60.0))
+    return Relay(SourceLimiter(), store, "relay-node-id", RelaySettings(ping_interval=60.0))
 
 
 def _register(relay: Relay, listen_id: str, key_id: str) -> str:
-    key = relay.node.keys.get(key_id)
+    key = relay.keys.get(key_id)
     lst, _, _ = relay.register(Registration(listen_id, "", "", "", 0, ""), "127.0.0.1:1", key)
     return lst.listen_id
 

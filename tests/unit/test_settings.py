@@ -331,3 +331,8 @@ def test_bad_max_handshakes_names_its_own_source(env: dict[str, str]) -> None:
 @pytest.mark.parametrize("var", ["HOMENET_HANDSHAKE_TIMEOUT", "HOMENET_DIAL_TIMEOUT", "HOMENET_IDLE_TIMEOUT"])
 def test_non_finite_floats_are_refused(var: str, value: str) -> None:
     assert error(env={var: value}).startswith(f"{var}: ")
+
+
+def test_an_empty_variable_of_an_optional_setting_means_unset() -> None:
+    s = load_settings(env={"HOMENET_KEY": "", "HOMENET_TLS_CA": ""})
+    assert (s.key, s.tls_ca) == (None, None)

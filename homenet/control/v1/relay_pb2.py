@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from homenet.control.v1 import discovery_pb2 as homenet_dot_v1_dot_discovery__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16homenet/v1/relay.proto\x12\nhomenet.v1\x1a\x1ahomenet/v1/discovery.proto\"\xc4\x01\n\x0fListenerMessage\x12(\n\x08register\x18\x01 \x01(\x0b\x32\x14.homenet.v1.RegisterH\x00\x12 \n\x04pong\x18\x02 \x01(\x0b\x32\x10.homenet.v1.PongH\x00\x12-\n\x0b\x64ial_failed\x18\x03 \x01(\x0b\x32\x16.homenet.v1.DialFailedH\x00\x12/\n\x0cquery_result\x18\x04 \x01(\x0b\x32\x17.homenet.v1.QueryResultH\x00\x42\x05\n\x03msg\"\xe9\x01\n\x0cRelayMessage\x12,\n\nregistered\x18\x01 \x01(\x0b\x32\x16.homenet.v1.RegisteredH\x00\x12(\n\x08incoming\x18\x02 \x01(\x0b\x32\x14.homenet.v1.IncomingH\x00\x12+\n\npool_grant\x18\x03 \x01(\x0b\x32\x15.homenet.v1.PoolGrantH\x00\x12 \n\x04ping\x18\x04 \x01(\x0b\x32\x10.homenet.v1.PingH\x00\x12+\n\x05query\x18\x05 \x01(\x0b\x32\x1a.homenet.v1.ForwardedQueryH\x00\x42\x05\n\x03msg\"X\n\x0e\x46orwardedQuery\x12\n\n\x02id\x18\x01 \x01(\x04\x12)\n\x07request\x18\x02 \x01(\x0b\x32\x18.homenet.v1.QueryRequest\x12\x0f\n\x07timeout\x18\x03 \x01(\x01\"i\n\x0bQueryResult\x12\n\n\x02id\x18\x01 \x01(\x04\x12+\n\x08response\x18\x02 \x01(\x0b\x32\x19.homenet.v1.QueryResponse\x12\x12\n\nerror_code\x18\x03 \x01(\x05\x12\r\n\x05\x65rror\x18\x04 \x01(\t\"w\n\x08Register\x12\x11\n\tlisten_id\x18\x01 \x01(\t\x12\x15\n\rresume_secret\x18\x02 \x01(\t\x12\x0c\n\x04name\x18\x03 \x01(\t\x12\x0f\n\x07version\x18\x04 \x01(\t\x12\x11\n\tpool_size\x18\x05 \x01(\r\x12\x0f\n\x07node_id\x18\x06 \x01(\t\"t\n\nRegistered\x12\x11\n\tlisten_id\x18\x01 \x01(\t\x12\x15\n\rresume_secret\x18\x02 \x01(\t\x12\x15\n\rping_interval\x18\x03 \x01(\x01\x12\x11\n\tpool_size\x18\x04 \x01(\r\x12\x12\n\nrelay_name\x18\x05 \x01(\t\">\n\x08Incoming\x12\x0e\n\x06ticket\x18\x01 \x01(\t\x12\x0e\n\x06\x63lient\x18\x02 \x01(\t\x12\x12\n\nexpires_in\x18\x03 \x01(\x01\"/\n\tPoolGrant\x12\x0e\n\x06ticket\x18\x01 \x01(\t\x12\x12\n\nexpires_in\x18\x02 \x01(\x01\"\x13\n\x04Ping\x12\x0b\n\x03seq\x18\x01 \x01(\x04\"\x13\n\x04Pong\x12\x0b\n\x03seq\x18\x01 \x01(\x04\",\n\nDialFailed\x12\x0e\n\x06ticket\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\"\x16\n\x14ListListenersRequest\"\xe7\x01\n\x08Listener\x12\x11\n\tlisten_id\x18\x01 \x01(\t\x12\x0c\n\x04peer\x18\x02 \x01(\t\x12\r\n\x05since\x18\x03 \x01(\x01\x12\x17\n\x0f\x61\x63tive_sessions\x18\x04 \x01(\x04\x12\x16\n\x0etotal_sessions\x18\x05 \x01(\x04\x12\x10\n\x08\x62ytes_up\x18\x06 \x01(\x04\x12\x12\n\nbytes_down\x18\x07 \x01(\x04\x12\x13\n\x0bpool_parked\x18\x08 \x01(\r\x12\x11\n\tpool_size\x18\t \x01(\r\x12\x0c\n\x04name\x18\n \x01(\t\x12\x0f\n\x07version\x18\x0b \x01(\t\x12\r\n\x05state\x18\x0c \x01(\t\"@\n\x15ListListenersResponse\x12\'\n\tlisteners\x18\x01 \x03(\x0b\x32\x14.homenet.v1.Listener\" \n\x0bKickRequest\x12\x11\n\tlisten_id\x18\x01 \x01(\t\"\x1e\n\x0cKickResponse\x12\x0e\n\x06kicked\x18\x01 \x01(\x08\x32\xe4\x01\n\x0cRelayService\x12\x43\n\x06Listen\x12\x1b.homenet.v1.ListenerMessage\x1a\x18.homenet.v1.RelayMessage(\x01\x30\x01\x12T\n\rListListeners\x12 .homenet.v1.ListListenersRequest\x1a!.homenet.v1.ListListenersResponse\x12\x39\n\x04Kick\x12\x17.homenet.v1.KickRequest\x1a\x18.homenet.v1.KickResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16homenet/v1/relay.proto\x12\nhomenet.v1\x1a\x1ahomenet/v1/discovery.proto\"\xc4\x01\n\x0fListenerMessage\x12(\n\x08register\x18\x01 \x01(\x0b\x32\x14.homenet.v1.RegisterH\x00\x12 \n\x04pong\x18\x02 \x01(\x0b\x32\x10.homenet.v1.PongH\x00\x12-\n\x0b\x64ial_failed\x18\x03 \x01(\x0b\x32\x16.homenet.v1.DialFailedH\x00\x12/\n\x0cquery_result\x18\x04 \x01(\x0b\x32\x17.homenet.v1.QueryResultH\x00\x42\x05\n\x03msg\"\xe9\x01\n\x0cRelayMessage\x12,\n\nregistered\x18\x01 \x01(\x0b\x32\x16.homenet.v1.RegisteredH\x00\x12(\n\x08incoming\x18\x02 \x01(\x0b\x32\x14.homenet.v1.IncomingH\x00\x12+\n\npool_grant\x18\x03 \x01(\x0b\x32\x15.homenet.v1.PoolGrantH\x00\x12 \n\x04ping\x18\x04 \x01(\x0b\x32\x10.homenet.v1.PingH\x00\x12+\n\x05query\x18\x05 \x01(\x0b\x32\x1a.homenet.v1.ForwardedQueryH\x00\x42\x05\n\x03msg\"X\n\x0e\x46orwardedQuery\x12\n\n\x02id\x18\x01 \x01(\x04\x12)\n\x07request\x18\x02 \x01(\x0b\x32\x18.homenet.v1.QueryRequest\x12\x0f\n\x07timeout\x18\x03 \x01(\x01\"i\n\x0bQueryResult\x12\n\n\x02id\x18\x01 \x01(\x04\x12+\n\x08response\x18\x02 \x01(\x0b\x32\x19.homenet.v1.QueryResponse\x12\x12\n\nerror_code\x18\x03 \x01(\x05\x12\r\n\x05\x65rror\x18\x04 \x01(\t\"w\n\x08Register\x12\x11\n\tlisten_id\x18\x01 \x01(\t\x12\x15\n\rresume_secret\x18\x02 \x01(\t\x12\x0c\n\x04name\x18\x03 \x01(\t\x12\x0f\n\x07version\x18\x04 \x01(\t\x12\x11\n\tpool_size\x18\x05 \x01(\r\x12\x0f\n\x07node_id\x18\x06 \x01(\t\"t\n\nRegistered\x12\x11\n\tlisten_id\x18\x01 \x01(\t\x12\x15\n\rresume_secret\x18\x02 \x01(\t\x12\x15\n\rping_interval\x18\x03 \x01(\x01\x12\x11\n\tpool_size\x18\x04 \x01(\r\x12\x12\n\nrelay_name\x18\x05 \x01(\t\"P\n\x08Incoming\x12\x0e\n\x06ticket\x18\x01 \x01(\t\x12\x0e\n\x06\x63lient\x18\x02 \x01(\t\x12\x12\n\nexpires_in\x18\x03 \x01(\x01\x12\x10\n\x08\x65ndpoint\x18\x04 \x01(\t\"A\n\tPoolGrant\x12\x0e\n\x06ticket\x18\x01 \x01(\t\x12\x12\n\nexpires_in\x18\x02 \x01(\x01\x12\x10\n\x08\x65ndpoint\x18\x03 \x01(\t\"\x13\n\x04Ping\x12\x0b\n\x03seq\x18\x01 \x01(\x04\"\x13\n\x04Pong\x12\x0b\n\x03seq\x18\x01 \x01(\x04\",\n\nDialFailed\x12\x0e\n\x06ticket\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\"\x16\n\x14ListListenersRequest\"\xe7\x01\n\x08Listener\x12\x11\n\tlisten_id\x18\x01 \x01(\t\x12\x0c\n\x04peer\x18\x02 \x01(\t\x12\r\n\x05since\x18\x03 \x01(\x01\x12\x17\n\x0f\x61\x63tive_sessions\x18\x04 \x01(\x04\x12\x16\n\x0etotal_sessions\x18\x05 \x01(\x04\x12\x10\n\x08\x62ytes_up\x18\x06 \x01(\x04\x12\x12\n\nbytes_down\x18\x07 \x01(\x04\x12\x13\n\x0bpool_parked\x18\x08 \x01(\r\x12\x11\n\tpool_size\x18\t \x01(\r\x12\x0c\n\x04name\x18\n \x01(\t\x12\x0f\n\x07version\x18\x0b \x01(\t\x12\r\n\x05state\x18\x0c \x01(\t\"@\n\x15ListListenersResponse\x12\'\n\tlisteners\x18\x01 \x03(\x0b\x32\x14.homenet.v1.Listener\" \n\x0bKickRequest\x12\x11\n\tlisten_id\x18\x01 \x01(\t\"\x1e\n\x0cKickResponse\x12\x0e\n\x06kicked\x18\x01 \x01(\x08\x32\xe4\x01\n\x0cRelayService\x12\x43\n\x06Listen\x12\x1b.homenet.v1.ListenerMessage\x1a\x18.homenet.v1.RelayMessage(\x01\x30\x01\x12T\n\rListListeners\x12 .homenet.v1.ListListenersRequest\x1a!.homenet.v1.ListListenersResponse\x12\x39\n\x04Kick\x12\x17.homenet.v1.KickRequest\x1a\x18.homenet.v1.KickResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -45,25 +45,25 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_REGISTERED']._serialized_start=819
   _globals['_REGISTERED']._serialized_end=935
   _globals['_INCOMING']._serialized_start=937
-  _globals['_INCOMING']._serialized_end=999
-  _globals['_POOLGRANT']._serialized_start=1001
-  _globals['_POOLGRANT']._serialized_end=1048
-  _globals['_PING']._serialized_start=1050
-  _globals['_PING']._serialized_end=1069
-  _globals['_PONG']._serialized_start=1071
-  _globals['_PONG']._serialized_end=1090
-  _globals['_DIALFAILED']._serialized_start=1092
-  _globals['_DIALFAILED']._serialized_end=1136
-  _globals['_LISTLISTENERSREQUEST']._serialized_start=1138
-  _globals['_LISTLISTENERSREQUEST']._serialized_end=1160
-  _globals['_LISTENER']._serialized_start=1163
-  _globals['_LISTENER']._serialized_end=1394
-  _globals['_LISTLISTENERSRESPONSE']._serialized_start=1396
-  _globals['_LISTLISTENERSRESPONSE']._serialized_end=1460
-  _globals['_KICKREQUEST']._serialized_start=1462
-  _globals['_KICKREQUEST']._serialized_end=1494
-  _globals['_KICKRESPONSE']._serialized_start=1496
-  _globals['_KICKRESPONSE']._serialized_end=1526
-  _globals['_RELAYSERVICE']._serialized_start=1529
-  _globals['_RELAYSERVICE']._serialized_end=1757
+  _globals['_INCOMING']._serialized_end=1017
+  _globals['_POOLGRANT']._serialized_start=1019
+  _globals['_POOLGRANT']._serialized_end=1084
+  _globals['_PING']._serialized_start=1086
+  _globals['_PING']._serialized_end=1105
+  _globals['_PONG']._serialized_start=1107
+  _globals['_PONG']._serialized_end=1126
+  _globals['_DIALFAILED']._serialized_start=1128
+  _globals['_DIALFAILED']._serialized_end=1172
+  _globals['_LISTLISTENERSREQUEST']._serialized_start=1174
+  _globals['_LISTLISTENERSREQUEST']._serialized_end=1196
+  _globals['_LISTENER']._serialized_start=1199
+  _globals['_LISTENER']._serialized_end=1430
+  _globals['_LISTLISTENERSRESPONSE']._serialized_start=1432
+  _globals['_LISTLISTENERSRESPONSE']._serialized_end=1496
+  _globals['_KICKREQUEST']._serialized_start=1498
+  _globals['_KICKREQUEST']._serialized_end=1530
+  _globals['_KICKRESPONSE']._serialized_start=1532
+  _globals['_KICKRESPONSE']._serialized_end=1562
+  _globals['_RELAYSERVICE']._serialized_start=1565
+  _globals['_RELAYSERVICE']._serialized_end=1793
 # @@protoc_insertion_point(module_scope)

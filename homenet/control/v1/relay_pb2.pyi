@@ -241,21 +241,27 @@ class Incoming(_message.Message):
     TICKET_FIELD_NUMBER: _builtins.int
     CLIENT_FIELD_NUMBER: _builtins.int
     EXPIRES_IN_FIELD_NUMBER: _builtins.int
+    ENDPOINT_FIELD_NUMBER: _builtins.int
     ticket: _builtins.str
     client: _builtins.str
     """Client address as the relay saw it (host:port)."""
     expires_in: _builtins.float
     """Seconds the ticket stays valid."""
+    endpoint: _builtins.str
+    """Where to dial back (host:port of this very relay, when a load balancer spreads its
+    public address over many); empty: the address the listener reached the relay at.
+    """
     def __init__(
         self,
         *,
         ticket: _builtins.str = ...,
         client: _builtins.str = ...,
         expires_in: _builtins.float = ...,
+        endpoint: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["client", b"client", "expires_in", b"expires_in", "ticket", b"ticket"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["client", b"client", "endpoint", b"endpoint", "expires_in", b"expires_in", "ticket", b"ticket"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -269,17 +275,21 @@ class PoolGrant(_message.Message):
 
     TICKET_FIELD_NUMBER: _builtins.int
     EXPIRES_IN_FIELD_NUMBER: _builtins.int
+    ENDPOINT_FIELD_NUMBER: _builtins.int
     ticket: _builtins.str
     expires_in: _builtins.float
+    endpoint: _builtins.str
+    """Where to park the connection (as Incoming.endpoint)."""
     def __init__(
         self,
         *,
         ticket: _builtins.str = ...,
         expires_in: _builtins.float = ...,
+        endpoint: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["expires_in", b"expires_in", "ticket", b"ticket"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["endpoint", b"endpoint", "expires_in", b"expires_in", "ticket", b"ticket"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -1,0 +1,277 @@
+"""The composition root: a whole node process (core on the one port, control server, Remote
+Listen clients, LAN discovery), and the one-service ``rl`` mode; start, serve, drain, stop,
+with one signal path for every long-running command.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import secrets
+import signal
+import socket
+from collections.abc import AsyncIterator, Callable
+
+from homenet.control.auth import AuthInterceptor
+from homenet.control.discovery import DiscoveryServicer
+from homenet.control.relay import RelayServicer
+from homenet.control.rl import IdentityBusy, Refused, RLClient, RLOptions
+from homenet.control.server import ControlServer
+from homenet.control.v1 import discovery_pb2_grpc, relay_pb2_grpc
+from homenet.node.address import Endpoint, parse_url
+from homenet.node.assembly import Core, assemble
+from homenet.node.auth import Credentials
+from homenet.node.discovery import DEFAULT_TYPES, HOMENET_TYPE, Advertiser, Discovery, node_txt
+from homenet.node.errors import Code, HomeNetError
+from homenet.node.keys import ensure_first_key, parse_key_ref
+from homenet.node.log import fields
+from homenet.node.remote import FixedTarget
+from homenet.node.settings import Settings
+
+log = logging.getLogger("homenet.app")
+
+_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+Announce = Callable[[str], None]
+
+
+class Fatal(HomeNetError):
+    """The node cannot go on (e.g. a relay refused its listenId); one-line message."""
+
+    default_code = Code.UNAVAILABLE
+
+
+@contextlib.asynccontextmanager
+async def signals(stop: asyncio.Event) -> AsyncIterator[Callable[[Callable[[], None]], None]]:
+    """SIGTERM/SIGINT set ``stop``; yields ``then(fn)``: from then on a signal runs ``fn``
+    instead (a second signal cuts a drain short). Handlers are removed on exit."""
+    loop = asyncio.get_running_loop()
+    for sig in _SIGNALS:
+        loop.add_signal_handler(sig, stop.set)
+
+    def then(fn: Callable[[], None]) -> None:
+        for sig in _SIGNALS:
+            loop.add_signal_handler(sig, fn)
+
+    try:
+        yield then
+    finally:
+        for sig in _SIGNALS:
+            loop.remove_signal_handler(sig)
+
+
+def rl_options(settings: Settings, url: str, node_id: str, role: str = "node") -> RLOptions:
+    """How to remote-listen on ``url``, from the settings."""
+    return RLOptions(
+        creds=Credentials(*parse_key_ref(settings.key)) if settings.key else None,
+        tls_ca=settings.tls_ca,
+        tls_cert=settings.tls_cert,
+        tls_key=settings.tls_key,
+        route=parse_url(url),
+        listen_id=settings.listen_id or "",
+        pool_size=settings.pool_size,
+        name=settings.name,
+        node_id=node_id,
+        state_dir=settings.state_dir,
+        backoff_max=settings.rl_backoff_max,
+        dial_timeout=settings.dial_timeout,
+        role=role,
+    )
+
+
+class Listeners:
+    """The RL clients of one process: identities locked up front, tasks owned, the first
+    refusal (or crash) reported as the process's failure."""
+
+    def __init__(self, clients: list[RLClient]) -> None:
+        self.clients = clients
+        self.failure: BaseException | None = None
+        self.failed = asyncio.Event()
+        self._tasks: list[asyncio.Task[None]] = []
+
+    def acquire(self) -> None:
+        """Lock every client's identity, or none (:class:`IdentityBusy` names the holder)."""
+        try:
+            for client in self.clients:
+                client.acquire()
+        except IdentityBusy:
+            for client in self.clients:
+                client.state.release()
+            raise
+
+    def start(self) -> None:
+        for client in self.clients:
+            task = asyncio.ensure_future(client.run())
+            task.add_done_callback(self._done)
+            self._tasks.append(task)
+
+    def _done(self, task: asyncio.Task[None]) -> None:
+        if task.cancelled():
+            return
+        exc = task.exception()
+        if exc is not None:
+            if not isinstance(exc, Refused):
+                log.error("rl.crashed", exc_info=exc)
+            self.failure = self.failure or exc
+            self.failed.set()
+
+    async def close(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(BaseException):
+                await task
+        self._tasks.clear()
+
+
+async def until(stop: asyncio.Event, failed: asyncio.Event) -> None:
+    """Until ``stop`` or ``failed`` is set."""
+    waiters = [asyncio.ensure_future(stop.wait()), asyncio.ensure_future(failed.wait())]
+    try:
+        await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for w in waiters:
+            w.cancel()
+
+
+class NodeRuntime:
+    """One ``homenet node`` process, built from its settings."""
+
+    def __init__(self, settings: Settings, announce: Announce, notice: Announce | None = None) -> None:
+        self.settings = settings
+        self.announce = announce
+        self.notice = notice
+        discovery = (
+            Discovery(settings.mdns_interface, settings.mdns_types or DEFAULT_TYPES, settings.state_dir, settings.name)
+            if settings.mdns
+            else None
+        )
+        self.core: Core = assemble(settings, discovery)
+        core = self.core
+        self.control = ControlServer([AuthInterceptor(settings, core.authorizer, core.node.grpc)])
+        self.control.add_node(core.node, core.relay.registry.online_count)
+        relay_pb2_grpc.add_RelayServiceServicer_to_server(
+            RelayServicer(core.relay, core.node.grpc, settings.name), self.control.server
+        )
+        discovery_pb2_grpc.add_DiscoveryServiceServicer_to_server(DiscoveryServicer(core.queries), self.control.server)
+        self.listeners = Listeners(
+            [RLClient(rl_options(settings, u, core.node_id), self._serve, self._listening, core.queries.query)
+             for u in settings.rl]
+        )  # fmt: skip
+        self.advertiser: Advertiser | None = None
+        self._background: set[asyncio.Task[None]] = set()
+
+    async def _serve(self, sock: socket.socket, desc: str, early: bytes, depth: int) -> None:
+        self.core.node.serve_accepted(sock, desc, early, depth)
+
+    def _listening(self, line: str) -> None:
+        """A relay granted a listenId: say so, and keep our mDNS record's RL URLs current."""
+        self.announce(line)
+        adv = self.advertiser
+        if adv is not None and adv.infos:
+            urls = [c.url for c in self.listeners.clients if c.listen_id]
+            task = asyncio.ensure_future(adv.update_txt(adv.infos[0], node_txt(urls)))
+            self._background.add(task)
+            task.add_done_callback(self._background.discard)
+
+    def _first_key(self) -> None:
+        """Zero configuration, still closed: a node with no keys file makes an admin key."""
+        keys = self.core.keys
+        try:
+            first = ensure_first_key(keys)
+        except OSError as exc:  # a read-only state dir (a pod): run without, say how to add keys
+            log.warning(
+                "keys.first_key_not_written",
+                extra=fields(path=str(keys.path), error=exc.strerror or str(exc)),
+            )
+            return
+        if first is not None and self.notice is not None:
+            self.notice(f"no keys yet: created key '{first.id}' (all roles) in {keys.path}")
+            self.notice(f"clients use it with: export HOMENET_KEY={first.id}:{first.secret.reveal()}")
+
+    async def start(self) -> None:
+        """Lock identities, start the control server, the port, discovery, the relay role."""
+        core = self.core
+        self._first_key()
+        self.listeners.acquire()  # before anything listens: a second process with our identity stops here
+        core.node.grpc.endpoint = await self.control.start()
+        try:
+            await core.node.start()
+            if core.discovery is not None:
+                await core.discovery.start()
+                self.advertiser = Advertiser(self.settings.mdns_interface)
+                await self.advertiser.start(core.discovery.azc)
+                await self.advertiser.publish(self.settings.name, HOMENET_TYPE, core.node.address.port, node_txt([]))
+        except BaseException:
+            await self.close()
+            raise
+        core.relay.start()
+        self.announce(f"READY {core.node.url}")
+        self.listeners.start()
+
+    async def drain(self, then: Callable[[Callable[[], None]], None]) -> None:
+        """Shut down in order: health NOT_SERVING, stop accepting, listeners told to move,
+        sessions drained up to the grace period, then :meth:`close`."""
+        node, grace = self.core.node, self.settings.drain_grace
+        log.info("node.stopping", extra=fields(sessions=len(node.sessions), grace=grace))
+        then(node.abort_sessions)  # a second signal cuts the drain short
+        await self.control.not_serving()
+        node.stop_accepting()
+        await self.listeners.close()
+        await self.core.relay.close()  # listeners hear it now and go to another relay
+        # unary calls in flight get a short grace; long streams (health watches) must not hold
+        # an idle node for the whole drain period
+        await asyncio.gather(node.drain(grace), self.control.stop(min(1.0, grace)))
+
+    async def close(self) -> None:
+        """Close everything now."""
+        core = self.core
+        await self.listeners.close()
+        if self.advertiser is not None:
+            await self.advertiser.close()
+        if core.discovery is not None:
+            await core.discovery.close()
+        await core.relay.close()
+        await core.node.close()
+        await self.control.stop(0)
+
+
+async def run_node(
+    settings: Settings, announce: Announce, stop: asyncio.Event | None = None, notice: Announce | None = None
+) -> None:
+    """Serve until SIGTERM/SIGINT (or ``stop``), then drain and stop. Raises :class:`Fatal` if
+    a relay refused the node's first registration, :class:`IdentityBusy` if another process
+    uses one of its listener identities."""
+    stop = stop or asyncio.Event()
+    runtime = NodeRuntime(settings, announce, notice)
+    async with signals(stop) as then:
+        await runtime.start()
+        try:
+            await until(stop, runtime.listeners.failed)
+            await runtime.drain(then)
+        finally:
+            await runtime.close()
+    log.info("node.stopped", extra=fields(sessions=runtime.core.node.sessions.totals.sessions))
+    if runtime.listeners.failure is not None:
+        raise Fatal(str(runtime.listeners.failure))
+
+
+async def run_rl(
+    settings: Settings, url: str, to: Endpoint, announce: Announce, stop: asyncio.Event | None = None
+) -> None:
+    """``homenet rl``: remote-listen on one relay and forward every client to ``to``."""
+    stop = stop or asyncio.Event()
+    target = FixedTarget(to.host, to.port, settings.dial_timeout, settings.idle_timeout or None)
+    opts = rl_options(settings, url, secrets.token_hex(8), f"rl -> {to}")
+    listeners = Listeners([RLClient(opts, target.serve, announce)])
+    async with signals(stop):
+        listeners.acquire()
+        listeners.start()
+        try:
+            await until(stop, listeners.failed)
+        finally:
+            await listeners.close()
+            target.close()
+    if listeners.failure is not None:
+        raise Fatal(str(listeners.failure))

@@ -1,0 +1,96 @@
+"""The one place a hop becomes a destination, and the one place its auth is decided.
+
+A ``CONNECT`` hop names one of:
+
+* a **listener** registered on this node (its relay role): reached through its pool or a
+  dial-back; needs a connect key only with ``connect_auth=all``;
+* a **service** this node discovered on its LAN (mDNS), by its listenId: dialed under the
+  node's policy; needs a connect key unless its owner published it for HomeNet (with
+  ``connect_auth=direct``), always with ``all``, never with ``none``;
+* a **direct target** ``ip:port`` / ``host:port``: dialed under the node's policy; needs a
+  connect key unless ``connect_auth=none``.
+
+A listenId is looked up as a listener first, then as a service.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+from homenet.node.address import Endpoint, ListenId
+from homenet.node.auth import Authorizer
+from homenet.node.connection import Handshake
+from homenet.node.dialer import Dialed, Dialer, DialError
+from homenet.node.discovery import Service, dial_service
+from homenet.node.errors import Code, RouteError
+from homenet.node.keys import Key
+from homenet.node.limits import source_of
+from homenet.node.listeners import Listener
+from homenet.node.sessions import Target
+
+
+class Listeners(Protocol):
+    """Listeners registered on this node (the relay role)."""
+
+    def lookup(self, hop: ListenId) -> Listener | None:
+        """The online listener ``hop`` (None: no such listener); raises ListenerOffline."""
+        ...
+
+    async def connect(self, hs: Handshake, listener: Listener) -> Target:
+        """A connection to ``listener`` for ``hs`` (from its pool, or dialed back)."""
+        ...
+
+
+class Services(Protocol):
+    """Services discovered on this node's LAN."""
+
+    def by_listen_id(self, listen_id: str) -> Service | None: ...
+
+
+class Router:
+    """Turns a request's hop into a connected :class:`Target` for one node."""
+
+    def __init__(
+        self,
+        dialer: Dialer,
+        authorizer: Authorizer,
+        connect_auth: str = "direct",
+        listeners: Listeners | None = None,
+        services: Services | None = None,
+    ) -> None:
+        self.dialer = dialer
+        self.authorizer = authorizer
+        self.connect_auth = connect_auth
+        self.listeners = listeners
+        self.services = services
+
+    def authorize(self, hs: Handshake, role: str) -> Key:
+        """The key that signed ``hs``'s request, if it holds ``role``; else an AuthError
+        (a failed login counts against the client's source)."""
+        assert hs.request is not None
+        return self.authorizer.authorize(hs.request_line, hs.request.fields, role, hs.source or source_of(hs.peer))
+
+    async def route(self, hs: Handshake, hop: Endpoint | ListenId) -> Target:
+        """Connect ``hs`` to ``hop``, checking the auth the hop needs first."""
+        if isinstance(hop, Endpoint):
+            if self.connect_auth != "none":
+                self.authorize(hs, "connect")
+            d: Dialed = await self.dialer.dial(hop)
+            return Target(d.sock, str(d))
+        listener = self.listeners.lookup(hop) if self.listeners is not None else None
+        if listener is not None:
+            assert self.listeners is not None
+            if self.connect_auth == "all":
+                self.authorize(hs, "connect")
+            return await self.listeners.connect(hs, listener)
+        svc = self.services.by_listen_id(hop.value) if self.services is not None else None
+        if svc is None:
+            what = "listener or service" if self.listeners is not None else "listener"
+            raise RouteError(Code.NOT_FOUND, f"no {what} {hop} on this node")
+        if self.connect_auth == "all" or (self.connect_auth == "direct" and not svc.public):
+            self.authorize(hs, "connect")
+        try:
+            dialed = await dial_service(svc, self.dialer.policy, self.dialer.timeout)
+        except DialError as err:
+            raise RouteError(err.code, f"service {hop}: {err.reason}") from None
+        return Target(dialed.sock, f"service {hop} ({dialed})")
