@@ -24,7 +24,7 @@ from homenet.node.auth import Credentials
 from homenet.node.client import RouteFailed
 from homenet.node.keys import ROLES, KeyFileError, KeyStore, client_key
 from homenet.node.log import configure
-from homenet.node.settings import Settings, SettingsError, load_settings
+from homenet.node.settings import Settings, SettingsError, cli_options, load_settings
 from homenet.node.tls import TLSError, client_context
 
 
@@ -61,43 +61,9 @@ def _parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     node = sub.add_parser("node", help="run a node (relay and/or home bridge)", description="Run a node.")
-    node.add_argument("--bind", help="address to listen on (default 0.0.0.0)")
-    node.add_argument("--port", type=int, help="TCP port for both planes (default 6969; 0 picks a free one)")
-    node.add_argument("--name", help="node name shown to operators (default: the host name)")
-    node.add_argument("--rl", action="append", metavar="URL", help="remote-listen on hn://RELAY[:PORT][/HOP...]")
-    node.add_argument("--listen-id", help="listenId to claim on the relay")
-    node.add_argument(
-        "--allow", action="append", metavar="CIDR",
-        help="direct targets this node may dial (repeatable; 'lan' = this host's private subnets)",
-    )  # fmt: skip
-    node.add_argument("--no-mdns", dest="mdns", action="store_const", const=False, help="turn LAN discovery off")
-    node.add_argument(
-        "--mdns-interface", action="append", metavar="ADDR",
-        help="run mDNS only on the interface with this address (repeatable; default: all)",
-    )  # fmt: skip
-    node.add_argument("--mdns-type", action="append", metavar="TYPE", help="service type to browse (repeatable)")
+    for opt in cli_options():
+        node.add_argument(opt.flag, **opt.kwargs)
     node.add_argument("--config", help="TOML config file (flags > HOMENET_* env > file)")
-    node.add_argument("--state-dir", help="where the node keeps its state")
-    node.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
-    node.add_argument("--log-format", choices=["text", "json"])
-    node.add_argument("--handshake-timeout", type=float, metavar="SECONDS")
-    node.add_argument("--dial-timeout", type=float, metavar="SECONDS")
-    node.add_argument("--idle-timeout", type=float, metavar="SECONDS", help="0 disables")
-    node.add_argument("--drain-grace", type=float, metavar="SECONDS")
-    node.add_argument("--max-sessions", type=int)
-    node.add_argument("--pool-size", type=int, metavar="N", help="warm connections parked at each relay (default 4)")
-    node.add_argument("--ping-interval", type=float, metavar="SECONDS", help="relay role: ping listeners every N s")
-    node.add_argument("--rl-auth", choices=["required", "open"], help="remote listen needs a listen key (default)")
-    node.add_argument(
-        "--connect-auth", choices=["none", "direct", "all"],
-        help="which hops need a connect key (default direct: ip:port and non-public services)",
-    )  # fmt: skip
-    node.add_argument("--query-auth", choices=["required", "open"], help="queries need a query key (default)")
-    node.add_argument("--keys-file", metavar="FILE", help="keys this node accepts (default STATE_DIR/keys.toml)")
-    node.add_argument("--tls-cert", metavar="PEM", help="serve both planes over TLS with this certificate chain")
-    node.add_argument("--tls-key", metavar="PEM", help="private key of --tls-cert")
-    node.add_argument("--tls-client-ca", metavar="PEM", help="require client certificates from this CA (mTLS)")
-    node.add_argument("--tls-ca", metavar="PEM", help="CA to verify hns:// relays with (default: system store)")
 
     rl = sub.add_parser(
         "rl", help="remote-listen on a relay and forward every client to one target",
@@ -105,12 +71,10 @@ def _parser() -> argparse.ArgumentParser:
     )  # fmt: skip
     rl.add_argument("url", metavar="URL", help="hn://RELAY[:PORT][/HOP...]")
     rl.add_argument("--to", required=True, metavar="HOST:PORT", help="the one target every client reaches")
-    rl.add_argument("--listen-id", help="listenId to claim (default: the one kept from last time, or random)")
-    rl.add_argument("--pool-size", type=int, metavar="N", help="warm connections parked at the relay (default 4)")
-    rl.add_argument("--state-dir", help="where the listenId and its resumption secret are kept")
+    for opt in cli_options():
+        if opt.rl:
+            rl.add_argument(opt.flag, **opt.kwargs)
     rl.add_argument("--config", help="TOML config file")
-    rl.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
-    rl.add_argument("--log-format", choices=["text", "json"])
 
     conn = sub.add_parser(
         "connect", help="netcat for HomeNet: stdin to the target, the target to stdout",
@@ -168,24 +132,23 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
-_NODE_FLAGS = (
-    "bind", "port", "name", "listen_id", "mdns", "state_dir", "log_level", "log_format", "handshake_timeout",
-    "dial_timeout", "idle_timeout", "drain_grace", "max_sessions", "pool_size", "ping_interval", "rl_auth",
-    "connect_auth", "query_auth", "keys_file", "tls_cert", "tls_key", "tls_client_ca", "tls_ca",
-)  # fmt: skip
+def _given(args: argparse.Namespace, rl_only: bool = False) -> dict[str, Any]:
+    """The settings the user gave as flags (repeated flags as tuples)."""
+    out: dict[str, Any] = {}
+    for opt in cli_options():
+        if rl_only and not opt.rl:
+            continue
+        value = getattr(args, opt.name)
+        out[opt.name] = tuple(value) if isinstance(value, list) else value
+    return out
 
 
 def _cmd_node(args: argparse.Namespace) -> int:
     from homenet.control.rl import IdentityBusy
     from homenet.control.runtime import Fatal, run_node
 
-    flags: dict[str, Any] = {k: getattr(args, k) for k in _NODE_FLAGS}
-    flags["rl"] = tuple(args.rl) if args.rl else None
-    flags["mdns_interface"] = tuple(args.mdns_interface) if args.mdns_interface else None
-    flags["mdns_types"] = tuple(args.mdns_type) if args.mdns_type else None
-    flags["allow"] = tuple(args.allow) if args.allow else None
     try:
-        settings = load_settings(flags, config=args.config)
+        settings = load_settings(_given(args), config=args.config)
         from homenet.node.policy import TargetPolicy
 
         TargetPolicy.from_specs(settings.allow)  # fail now, not at the first client
@@ -213,9 +176,8 @@ def _cmd_rl(args: argparse.Namespace) -> int:
         parse_url(args.url)
     except AddressError as exc:
         fail(str(exc), EXIT_USAGE)
-    flags = {k: getattr(args, k) for k in ("listen_id", "pool_size", "state_dir", "log_level", "log_format")}
     try:
-        settings = load_settings(flags, config=args.config)
+        settings = load_settings(_given(args, rl_only=True), config=args.config)
     except SettingsError as exc:
         fail(str(exc), EXIT_USAGE)
     configure(settings.log_level, settings.log_format)

@@ -32,73 +32,104 @@ def _default_state_dir() -> str:
     return str(Path(base) / "homenet")
 
 
+def _opt(
+    default: Any = dataclasses.MISSING,
+    help: str = "",
+    *,
+    factory: Callable[[], Any] | None = None,
+    repr: bool = True,
+    **cli: Any,
+) -> Any:
+    """A settings field with what the command line needs to offer it (see :func:`cli_options`)."""
+    meta = {"help": help, **cli}
+    if factory is not None:
+        return field(default_factory=factory, repr=repr, metadata=meta)
+    return field(default=default, repr=repr, metadata=meta)
+
+
 @dataclass(frozen=True)
 class Settings:
     """Everything a node needs to run; immutable once built."""
 
-    bind: str = "0.0.0.0"
-    port: int = DEFAULT_PORT
-    name: str = field(default_factory=lambda: socket.gethostname().split(".")[0] or "homenet")
-    rl: tuple[str, ...] = ()
-    listen_id: str | None = None
-    allow: tuple[str, ...] = ()
-    mdns: bool = True
+    bind: str = _opt("0.0.0.0", "address to listen on (default 0.0.0.0)", metavar="ADDR")
+    port: int = _opt(DEFAULT_PORT, "TCP port for both planes (default 6969; 0 picks a free one)")
+    name: str = _opt(
+        factory=lambda: socket.gethostname().split(".")[0] or "homenet",
+        help="node name shown to operators (default: the host name)",
+    )
+    rl: tuple[str, ...] = _opt((), "remote-listen on hn://RELAY[:PORT][/HOP...] (repeatable)", metavar="URL")
+    listen_id: str | None = _opt(
+        None, "listenId to claim on the relay (default: the one kept from last time)", metavar="ID", rl=True
+    )
+    allow: tuple[str, ...] = _opt(
+        (), "direct targets this node may dial (repeatable; 'lan' = this host's private subnets)", metavar="CIDR"
+    )
+    mdns: bool = _opt(True, "turn LAN discovery off", flag="--no-mdns")
     #: Addresses of the interfaces to run mDNS on (empty: all).
-    mdns_interface: tuple[str, ...] = ()
+    mdns_interface: tuple[str, ...] = _opt(
+        (), "run mDNS only on the interface with this address (repeatable; default: all)", metavar="ADDR"
+    )
     #: Service types to browse (empty: HomeNet's default list).
-    mdns_types: tuple[str, ...] = ()
-    state_dir: str = field(default_factory=_default_state_dir)
-    log_level: str = "info"
-    log_format: str = "text"
+    mdns_types: tuple[str, ...] = _opt((), "service type to browse (repeatable)", flag="--mdns-type", metavar="TYPE")
+    state_dir: str = _opt(
+        factory=_default_state_dir, help="where listenIds, keys and secrets are kept", metavar="DIR", rl=True
+    )
+    log_level: str = _opt("info", "", choices=("debug", "info", "warning", "error"), rl=True)
+    log_format: str = _opt("text", "", choices=("text", "json"), rl=True)
     #: Seconds a client has to send its preamble (and a gRPC client its preface).
-    handshake_timeout: float = 5.0
+    handshake_timeout: float = _opt(5.0, "seconds to send a complete preamble (default 5)")
     #: Seconds to resolve and connect to a target.
-    dial_timeout: float = 10.0
+    dial_timeout: float = _opt(10.0, "seconds to resolve and connect a target (default 10)")
     #: Seconds without a byte either way before a session is closed (0: never).
-    idle_timeout: float = 3600.0
+    idle_timeout: float = _opt(3600.0, "seconds without a byte before a session is closed; 0 disables")
     #: Seconds SIGTERM waits for sessions to finish before closing them.
-    drain_grace: float = 10.0
+    drain_grace: float = _opt(10.0, "seconds SIGTERM waits for sessions to finish (default 10)")
     #: Spliced sessions at once; more get ``429 too-many``.
-    max_sessions: int = 20000
-    #: Connections still in their handshake at once; more are closed at accept.
-    max_handshakes: int = 256
+    max_sessions: int = _opt(20000, "sessions at once; more get 429 (default 20000)")
+    #: Connections still in their handshake at once (past that, early drop: see the README).
+    max_handshakes: int = _opt(256, "connections in handshake at once (default 256)")
     #: Warm connections to keep parked at each relay we remote-listen on (0: dial back only).
-    pool_size: int = 4
+    pool_size: int = _opt(4, "warm connections parked at each relay (default 4)", metavar="N", rl=True)
     #: Cap in seconds of the reconnect backoff to a relay (exponential with jitter below it).
-    rl_backoff_max: float = 1.5
+    rl_backoff_max: float = _opt(1.5, "cap of the reconnect backoff to a relay, seconds (default 1.5)")
     #: Relay role: seconds between pings on listener streams (3 missed = dead).
-    ping_interval: float = 2.0
+    ping_interval: float = _opt(2.0, "relay role: ping listeners every N s (default 2)")
     #: Relay role: seconds an offline listenId stays reserved for its owner.
-    offline_hold: float = 60.0
+    offline_hold: float = _opt(60.0, "relay role: seconds an offline listenId stays its owner's (default 60)")
     #: Keys file (TOML) of the keys this node accepts; default: <state_dir>/keys.toml.
-    keys_file: str | None = None
-    #: This node's own key (``ID:SECRET``) for the relays and nodes it talks to.
-    key: str | None = field(default=None, repr=False)
+    keys_file: str | None = _opt(None, "keys this node accepts (default STATE_DIR/keys.toml)", metavar="FILE")
+    #: This node's own key (``ID:SECRET``) for the relays and nodes it talks to. Never a flag:
+    #: a command line is visible to every local user.
+    key: str | None = _opt(None, "", cli=False, repr=False)
     #: Remote listen: ``required`` (a listen key claims its own id) or ``open`` (anonymous
     #: nodes get random ids, or claim ids no key reserves).
-    rl_auth: str = "required"
+    rl_auth: str = _opt("required", "remote listen needs a listen key (default)", choices=("required", "open"))
     #: ``none``, ``direct`` (direct targets and non-public services need a connect key) or ``all``.
-    connect_auth: str = "direct"
+    connect_auth: str = _opt(
+        "direct",
+        "which hops need a connect key (default direct: ip:port and non-public services)",
+        choices=("none", "direct", "all"),
+    )
     #: Discovery queries: ``required`` (a query key) or ``open``.
-    query_auth: str = "required"
+    query_auth: str = _opt("required", "queries need a query key (default)", choices=("required", "open"))
     #: Connections in handshake from one source (IPv4 address or IPv6 /64) at once.
-    max_per_source: int = 64
+    max_per_source: int = _opt(64, "connections in handshake from one source at once (default 64)")
     #: Sessions one listener may have at once.
-    max_listener_sessions: int = 1000
+    max_listener_sessions: int = _opt(1000, "relay role: sessions one listener may have at once (default 1000)")
     #: Failed authentications from one source (within a minute) before it is blocked.
-    penalty_threshold: int = 5
+    penalty_threshold: int = _opt(5, "failed logins from one source within a minute before it is blocked")
     #: Seconds a source is first blocked for (doubles on repeat, up to 10 minutes).
-    penalty_seconds: float = 30.0
+    penalty_seconds: float = _opt(30.0, "seconds a source is first blocked for (doubles on repeat)")
     #: TLS on the one port (both planes): certificate chain and key files (PEM).
-    tls_cert: str | None = None
-    tls_key: str | None = None
+    tls_cert: str | None = _opt(None, "serve both planes over TLS with this certificate chain", metavar="PEM")
+    tls_key: str | None = _opt(None, "private key of --tls-cert", metavar="PEM")
     #: Require client certificates signed by this CA (mTLS for relay peers and operators).
-    tls_client_ca: str | None = None
+    tls_client_ca: str | None = _opt(None, "require client certificates from this CA (mTLS)", metavar="PEM")
     #: CA bundle to verify hns:// relays with (default: the system store).
-    tls_ca: str | None = None
+    tls_ca: str | None = _opt(None, "CA to verify hns:// relays with (default: system store)", metavar="PEM")
     #: Relay role: ``host:port`` listeners dial back to (this process's own address when a
     #: load balancer spreads the public one over many relays); empty: the public address.
-    advertise: str = ""
+    advertise: str = _opt("", "relay role: this relay's own public HOST:PORT for dial-backs", metavar="HOST:PORT")
 
     def __post_init__(self) -> None:
         if not 0 <= self.port <= 65535:
@@ -161,6 +192,44 @@ class Settings:
 
     def replace(self, **changes: Any) -> Settings:
         return dataclasses.replace(self, **changes)
+
+
+@dataclass(frozen=True, slots=True)
+class CliOption:
+    """How one setting is offered on the command line."""
+
+    name: str
+    flag: str
+    kwargs: dict[str, Any]
+    #: Offered by ``homenet rl`` too (not only ``homenet node``).
+    rl: bool
+
+
+def cli_options() -> list[CliOption]:
+    """Every setting offered as a flag, in declaration order, with its argparse arguments:
+    the one source of the CLI's node flags (flags override env, which overrides the file)."""
+    out = []
+    for f in fields(Settings):
+        meta = f.metadata
+        if not meta.get("cli", True):
+            continue
+        kind = str(f.type)
+        kwargs: dict[str, Any] = {"dest": f.name, "help": meta.get("help") or None}
+        if kind == "bool":  # only switches that turn a default-on feature off
+            kwargs.update(action="store_const", const=not f.default)
+        elif kind.startswith("tuple"):
+            kwargs.update(action="append")
+        elif "int" in kind:
+            kwargs.update(type=int, metavar="N")
+        elif "float" in kind:
+            kwargs.update(type=float, metavar="SECONDS")
+        if "choices" in meta:
+            kwargs["choices"] = list(meta["choices"])
+        if "metavar" in meta:
+            kwargs["metavar"] = meta["metavar"]
+        flag = meta.get("flag") or "--" + f.name.replace("_", "-")
+        out.append(CliOption(f.name, flag, kwargs, bool(meta.get("rl", False))))
+    return out
 
 
 def _to_bool(text: str) -> bool:
