@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import time
 from typing import Any
@@ -20,19 +19,20 @@ from homenet.control.v1 import discovery_pb2
 from homenet.node.address import DEFAULT_PORT, AddressError, ListenId, parse_endpoint, parse_url
 from homenet.node.auth import Credentials
 from homenet.node.keys import KeyFileError, client_key
-from homenet.node.settings import SettingsError, load_settings
+from homenet.node.settings import SettingsError, client_settings, load_settings
 
 
 def _parser() -> argparse.ArgumentParser:
+    env = client_settings()
     p = argparse.ArgumentParser(prog="hnctl", description="Look at and control HomeNet nodes.")
     p.add_argument("--version", action="version", version=f"hnctl {__version__}")
     p.add_argument(
-        "--node", default=os.environ.get("HOMENET_NODE", "127.0.0.1:6969"),
+        "--node", default=env.node,
         help="node to talk to, HOST:PORT (default $HOMENET_NODE or 127.0.0.1:6969)",
     )  # fmt: skip
     p.add_argument("--timeout", type=float, default=5.0, help="deadline of each call in seconds (default 5)")
     p.add_argument("--tls", action="store_true", help="talk TLS to --node (hns:// URLs imply it)")
-    p.add_argument("--tls-ca", metavar="PEM", default=os.environ.get("HOMENET_TLS_CA"), help="CA to verify with")
+    p.add_argument("--tls-ca", metavar="PEM", default=env.tls_ca, help="CA to verify with")
     p.add_argument("--tls-cert", metavar="PEM", help="client certificate for nodes that require one (mTLS)")
     p.add_argument("--tls-key", metavar="PEM", help="private key of --tls-cert")
     p.add_argument(
@@ -217,7 +217,7 @@ def main(argv: list[str] | None = None) -> int:
         node, path, tls = str(route.entry), [str(h) for h in route.hops], tls or route.tls
 
     try:
-        found = client_key(key_file=args.key_file, local_keys=load_settings().keys_path)
+        found = client_key(key_file=args.key_file, env=client_settings().key_env, local_keys=load_settings().keys_path)
     except (KeyFileError, SettingsError) as exc:
         fail(str(exc), EXIT_USAGE)
     creds = Credentials(*found) if found else None

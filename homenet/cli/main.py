@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import os
 import ssl
 import sys
 from typing import Any
@@ -24,7 +23,7 @@ from homenet.node.auth import Credentials
 from homenet.node.client import RouteFailed
 from homenet.node.keys import ROLES, KeyFileError, KeyStore, client_key
 from homenet.node.log import configure
-from homenet.node.settings import Settings, SettingsError, cli_options, load_settings
+from homenet.node.settings import Settings, SettingsError, cli_options, client_settings, load_settings
 from homenet.node.tls import TLSError, client_context
 
 
@@ -41,7 +40,7 @@ def _tls(route: Route, args: argparse.Namespace) -> ssl.SSLContext | None:
     if not route.tls:
         return None
     try:
-        return client_context(args.tls_ca or os.environ.get("HOMENET_TLS_CA") or None, args.tls_cert, args.tls_key)
+        return client_context(args.tls_ca or client_settings().tls_ca, args.tls_cert, args.tls_key)
     except TLSError as exc:
         fail(str(exc), EXIT_USAGE)
 
@@ -49,7 +48,7 @@ def _tls(route: Route, args: argparse.Namespace) -> ssl.SSLContext | None:
 def _client_creds(key_file: str | None) -> Credentials | None:
     """The key this command signs with (--key-file, HOMENET_KEY, HOMENET_KEY_FILE), if any."""
     try:
-        found = client_key(key_file=key_file)
+        found = client_key(key_file=key_file, env=client_settings().key_env)
     except KeyFileError as exc:
         fail(str(exc), EXIT_USAGE)
     return Credentials(*found) if found else None

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import ipaddress
-import os
 import socket
 import ssl
 from dataclasses import dataclass
@@ -118,15 +117,14 @@ async def open_route(
 
     ``final`` is one more request line for the last node (a listener's TICKET or POOL); its
     reply is awaited too unless ``wait_final`` is False (the caller reads it later).
-    An ``hns://`` route speaks TLS to its first node (``tls``, else the system store or
-    ``$HOMENET_TLS_CA``).
+    An ``hns://`` route speaks TLS to its first node (``tls``, else the system store).
     """
     if not route.hops and final is None:
         raise RouteFailed(f"{route} names no target: add a hop, e.g. {route}/127.0.0.1:22")
     loop = asyncio.get_running_loop()
     if route.tls and tls is None:
         try:
-            tls = client_context(os.environ.get("HOMENET_TLS_CA") or None)
+            tls = client_context()
         except TLSError as exc:
             raise RouteFailed(str(exc)) from None
     sock = await dial_endpoint(via or route.entry, timeout, tls if route.tls else None, route.entry.host)

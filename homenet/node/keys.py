@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from homenet.node.errors import UsageError
+from homenet.node.settings import client_settings
 
 ROLES = ("listen", "connect", "query", "admin")
 KEY_ID = re.compile(r"[A-Za-z0-9_-]{1,64}")
@@ -191,7 +192,7 @@ def client_key(
     """The key a client uses, first found: ``key`` (ID:SECRET), ``key_file``, ``HOMENET_KEY``,
     ``HOMENET_KEY_FILE``, then the admin key of a local node's keys file (``local_keys``) when
     this user can read it. Raises :class:`KeyFileError` for a bad explicit key."""
-    env = dict(os.environ) if env is None else env
+    env = client_settings().key_env if env is None else env  # settings owns every environment read
     if key:
         return parse_key_ref(key)
     if key_file:

@@ -232,6 +232,36 @@ def cli_options() -> list[CliOption]:
     return out
 
 
+@dataclass(frozen=True)
+class ClientSettings:
+    """What the client commands (connect, listen, hnctl) take from their environment."""
+
+    #: ``HOMENET_KEY``: the key to sign with, ``ID:SECRET``.
+    key: str | None = field(default=None, repr=False)
+    #: ``HOMENET_KEY_FILE``: a file holding it.
+    key_file: str | None = None
+    #: ``HOMENET_TLS_CA``: the CA to verify hns:// nodes with (default: the system store).
+    tls_ca: str | None = None
+    #: ``HOMENET_NODE``: the node hnctl talks to.
+    node: str = "127.0.0.1:6969"
+
+    @property
+    def key_env(self) -> dict[str, str]:
+        """The key variables, as :func:`homenet.node.keys.client_key` reads them."""
+        return {k: v for k, v in (("HOMENET_KEY", self.key), ("HOMENET_KEY_FILE", self.key_file)) if v}
+
+
+def client_settings(env: Mapping[str, str] | None = None) -> ClientSettings:
+    """The client commands' settings from ``HOMENET_*`` variables (empty means unset)."""
+    env = os.environ if env is None else env
+    return ClientSettings(
+        key=env.get("HOMENET_KEY") or None,
+        key_file=env.get("HOMENET_KEY_FILE") or None,
+        tls_ca=env.get("HOMENET_TLS_CA") or None,
+        node=env.get("HOMENET_NODE") or "127.0.0.1:6969",
+    )
+
+
 def _to_bool(text: str) -> bool:
     low = text.strip().lower()
     if low in ("1", "true", "yes", "on"):
