@@ -72,17 +72,12 @@ node_has_flag() {  # node_has_flag FLAG : does this `homenet node` accept FLAG?
     [ -n "$NODE_HELP" ] || NODE_HELP=$("$HN" node --help 2>/dev/null)
     grep -q -- "$1" <<<"$NODE_HELP"
 }
-start_node() {  # start_node NAME PORT [PATCH,...] : `homenet node`, or with what-if patches
+start_node() {  # start_node NAME PORT : `homenet node` on 127.0.0.1:PORT
     local args=(--bind "$H" --port "$2" --allow 127.0.0.1/32 --no-mdns --log-level warning --state-dir "$BP/state")
-    local cmd=("$HN" node) p
+    local cmd=("$HN" node)
     # Since 0089d64 direct ip:port targets need a signed request by default; the benchmark
     # measures the unauthenticated data plane (`HN/1 CONNECT ip:port`), as the brief defines it.
     node_has_flag --connect-auth && args+=(--connect-auth none)
-    if [ -n "${3:-}" ] && [ "$3" != none ]; then
-        cmd=("$PY" "$HERE/experiments/patched_node.py")
-        for p in ${3//,/ }; do cmd+=(--patch "$p"); done
-        cmd+=(--)
-    fi
     start_hn "$1" READY "${cmd[@]}" "${args[@]}"
 }
 start_listen() {  # start_listen NAME NODE_PORT TARGET_PORT LOCAL_PORT

@@ -2,9 +2,6 @@
 # Where does the HomeNet node spend its time? Profiles of the node under load.
 #
 #   bench/profile.sh [OUTDIR]            profile the throughput and the seq-connection runs
-#   bench/profile.sh compare [OUTDIR]    seq/conc conn/s + 1-stream throughput of the node
-#                                        with what-if patches (bench/experiments/patched_node.py),
-#                                        interleaved with the unpatched node
 #
 # Profile mode: starts the home services (bench/peers.sh) and one node (:16969), then for each
 # workload -- `tput` (hnperf, 1 stream, preamble client, T s) and `seq` (bench_conn.py seq
@@ -15,9 +12,7 @@
 #   perf    perf record -g (native + kernel symbols) -> WORKLOAD.perf.txt (by DSO, by symbol)
 #   strace  strace -c -f (syscall counts; slows the node a lot: use it for counts per
 #           connection, not for times) -> WORKLOAD.strace.txt
-# Environment: T=10 N=3000 PROFILERS="pyspy perf strace" PATCHES=none (profile a patched node)
-#              REPS=3 VARIANTS="none connect eager connect,eager" WORKLOADS="seq conc tput"
-#              (compare mode; workloads: seq conc tput tput8)
+# Environment: T=10 N=3000 PROFILERS="pyspy perf strace"
 # py-spy: .venv/bin/pip install py-spy ; perf: apt-get install linux-perf
 # shellcheck source-path=SCRIPTDIR disable=SC2034
 set -u
@@ -28,14 +23,9 @@ PY=${PYTHON:-$ROOT/.venv/bin/python}
 PYSPY=${PYSPY:-$ROOT/.venv/bin/py-spy}
 export BP=${BP:-/tmp/hnb}
 RUN=$BP/run LOG=$BP/log
-MODE=profile
-[ "${1:-}" = compare ] && { MODE=compare; shift; }
-OUT=${1:-$BP/profile/$MODE-$(date +%Y%m%d-%H%M%S)}
-T=${T:-10} N=${N:-3000} C=${C:-50} REPS=${REPS:-3}
+OUT=${1:-$BP/profile/profile-$(date +%Y%m%d-%H%M%S)}
+T=${T:-10} N=${N:-3000} C=${C:-50}
 PROFILERS=${PROFILERS:-"pyspy perf strace"}
-PATCHES=${PATCHES:-none}
-VARIANTS=${VARIANTS:-"none connect eager connect,eager"}
-WORKLOADS=${WORKLOADS:-"seq conc tput"}
 H=127.0.0.1 NODE_PORT=16969 RATE=200
 mkdir -p "$OUT" "$RUN" "$LOG"
 ulimit -n 20000 2>/dev/null || true
@@ -63,42 +53,9 @@ bare() {  # bare WORKLOAD LABEL : run once, add the node's CPU % to the JSON lin
         -v l="$line" 'BEGIN { sub(/}$/, "", l); printf "%s, \"node_cpu_pct\": %.0f}\n", l, 100 * (c1 - c0) / hz / (t1 - t0) }'
 }
 
-if [ "$MODE" = compare ]; then
-    for rep in $(seq 1 "$REPS"); do
-        for v in $VARIANTS; do
-            start_node node $NODE_PORT "$v"
-            sleep 1
-            for w in $WORKLOADS; do
-                bare "$w" "$v#$rep#$w" | tee -a "$OUT/compare.jsonl" | cut -c1-200 >&2
-                sleep 1
-            done
-            stop_hn node
-        done
-    done
-    "$PY" - "$OUT/compare.jsonl" <<'EOF'
-import json, statistics, sys
-rows = [json.loads(x) for x in open(sys.argv[1]) if x.startswith("{")]
-by = {}
-for r in rows:
-    v, _, w = r["label"].split("#")
-    by.setdefault(v, {}).setdefault(w, []).append(r)
-def m(rs, k):
-    vals = [r[k] for r in rs if r.get(k) is not None]
-    return statistics.median(vals) if vals else float("nan")
-print(f"{'variant':16} {'seq conn/s':>10} {'seq p50 ms':>10} {'seq p99 ms':>10} {'seq CPU%':>8} "
-      f"{'conc conn/s':>11} {'conc CPU%':>9} {'P1 Gbit/s':>9} {'P1 CPU%':>7} {'P8 Gbit/s':>9} {'P8 CPU%':>7}")
-for v, w in by.items():
-    s, c, t, t8 = w.get("seq", []), w.get("conc", []), w.get("tput", []), w.get("tput8", [])
-    print(f"{v:16} {m(s, 'conn_per_s'):10.0f} {m(s, 'p50_ms'):10.3f} {m(s, 'p99_ms'):10.3f} "
-          f"{m(s, 'node_cpu_pct'):8.0f} {m(c, 'conn_per_s'):11.0f} {m(c, 'node_cpu_pct'):9.0f} "
-          f"{m(t, 'gbit_s'):9.2f} {m(t, 'node_cpu_pct'):7.0f} {m(t8, 'gbit_s'):9.2f} {m(t8, 'node_cpu_pct'):7.0f}")
-EOF
-    exit 0
-fi
-
-start_node node $NODE_PORT "$PATCHES"
+start_node node $NODE_PORT
 NP=$(pid node)
-log "node pid $NP (patches: $PATCHES)"
+log "node pid $NP"
 sleep 1
 for w in tput seq; do
     bare $w "$w#bare" | tee "$OUT/$w.bare.json" | cut -c1-200 >&2

@@ -2,16 +2,24 @@
 """Slow handshakes against a TCP port, and the latency a real client sees meanwhile.
 
   slowloris.py attack HOST PORT [--sockets 1000] [--sources 100] [--prefix 127.0.4.]
-                                [--drip 0.5] [--payload 'HN/1']
+                                [--drip 0.5] [--payload 'HN/1'] [--hold-on-data]
       Opens SOCKETS connections spread over SOURCES local addresses (PREFIX1..PREFIXn, all in
       127.0.0.0/8), sends PAYLOAD one byte every DRIP seconds and never finishes it. A socket
       the server closes is opened again at once, so SOCKETS attempts stay open all the time.
+      By default any byte the server sends counts as a close (a HomeNet node only ever
+      replies to an unfinished preamble to refuse it); with --hold-on-data received bytes are
+      read and discarded, and only EOF or a reset ends a socket (for a plain TCP proxy, which
+      forwards the trickle to an echo server that sends it back).
       Prints ``OPEN n`` once every socket was opened, then, when stdin closes or on SIGTERM,
-      one JSON line: opened, closed by the server, and the first bytes they were closed with.
+      one JSON line: opened, closed by the server, the first bytes they were closed with (with
+      --hold-on-data: the first bytes received on the connection, or "(eof)") and the bytes
+      received in all.
 
   slowloris.py probe HOST PORT [--tries 20] [--line 'HN/1 CONNECT 127.0.0.1:7001\\n'] [--source ADDR]
+                               [--interval 0]
       Round trips of a real client: connect, send LINE + a payload, read until the payload
-      comes back (after one reply line when LINE is given). Prints one JSON line with the
+      comes back (after one reply line when LINE is given), one at a time, INTERVAL seconds
+      apart (so the probes can span the attack's cycles). Prints one JSON line with the
       latencies in ms (p50, p99, max, all).
 
 Only loopback addresses: the harness never sends traffic anywhere else.
@@ -30,7 +38,7 @@ import time
 
 
 async def attack(args: argparse.Namespace) -> None:
-    opened = closed = 0
+    opened = closed = received = 0
     endings: dict[str, int] = {}
     first_round = asyncio.Event()
     started = 0
@@ -38,6 +46,62 @@ async def attack(args: argparse.Namespace) -> None:
     loop = asyncio.get_running_loop()
     loop.add_signal_handler(signal.SIGTERM, stop.set)
     loop.add_signal_handler(signal.SIGINT, stop.set)
+
+    def ended(data: bytes) -> None:
+        nonlocal closed
+        closed += 1
+        key = data.split(b"\n", 1)[0].decode("ascii", "replace")[:100] or "(eof)"
+        endings[key] = endings.get(key, 0) + 1
+
+    async def trickle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        """Any byte from the server ends the socket (the default)."""
+        # one read for the whole socket: a cancelled read still holds the stream's waiter until
+        # it unwinds, and a new read() then raises RuntimeError (it killed the socket's task)
+        read = asyncio.ensure_future(reader.read(200))
+        stopping = asyncio.ensure_future(stop.wait())
+        try:
+            for byte in args.payload.encode():
+                writer.write(bytes([byte]))
+                await writer.drain()
+                await asyncio.wait({read, stopping}, timeout=args.drip, return_when="FIRST_COMPLETED")
+                if read.done() or stop.is_set():
+                    break
+            else:  # the whole payload trickled out: hold it open until the server gives up
+                await asyncio.wait({read, stopping}, return_when="FIRST_COMPLETED")
+            if read.done():
+                ended(read.result())  # a reset raises OSError: counted by the caller
+        finally:
+            read.cancel()
+            stopping.cancel()
+
+    async def hold(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        """--hold-on-data: discard what the server sends; only EOF (or a reset) ends the socket."""
+        first = bytearray()
+
+        async def until_eof() -> None:
+            nonlocal received
+            while data := await reader.read(4096):
+                received += len(data)
+                if len(first) < 100:
+                    first.extend(data[: 100 - len(first)])
+
+        eof = asyncio.ensure_future(until_eof())
+        stopping = asyncio.ensure_future(stop.wait())
+        try:
+            for byte in args.payload.encode():
+                writer.write(bytes([byte]))
+                await writer.drain()
+                done, _ = await asyncio.wait({eof, stopping}, timeout=args.drip, return_when="FIRST_COMPLETED")
+                if done:
+                    break
+            else:  # the whole payload trickled out: hold it open until the server gives up
+                await asyncio.wait({eof, stopping}, return_when="FIRST_COMPLETED")
+            if eof.done():
+                eof.result()  # a reset raises OSError: counted by the caller
+                ended(bytes(first))
+        finally:
+            eof.cancel()
+            stopping.cancel()
 
     async def one(i: int) -> None:
         nonlocal opened, closed, started
@@ -56,27 +120,10 @@ async def attack(args: argparse.Namespace) -> None:
                 if started == args.sockets:
                     first_round.set()
             try:
-                for byte in args.payload.encode():
-                    writer.write(bytes([byte]))
-                    await writer.drain()
-                    read = asyncio.ensure_future(reader.read(200))
-                    stopping = asyncio.ensure_future(stop.wait())
-                    done, _ = await asyncio.wait({read, stopping}, timeout=args.drip, return_when="FIRST_COMPLETED")
-                    stopping.cancel()
-                    if read in done:
-                        data = read.result()
-                        closed += 1
-                        key = data.split(b"\n", 1)[0].decode("ascii", "replace")[:100] or "(eof)"
-                        endings[key] = endings.get(key, 0) + 1
-                        break
-                    read.cancel()
-                    if stop.is_set():
-                        break
-                else:  # the whole payload trickled out: hold it open until the server gives up
-                    data = await reader.read(200)
-                    closed += 1
-                    key = data.split(b"\n", 1)[0].decode("ascii", "replace")[:100] or "(eof)"
-                    endings[key] = endings.get(key, 0) + 1
+                if args.hold_on_data:
+                    await hold(reader, writer)
+                else:
+                    await trickle(reader, writer)
             except OSError:
                 closed += 1
                 endings["(reset)"] = endings.get("(reset)", 0) + 1
@@ -98,13 +145,18 @@ async def attack(args: argparse.Namespace) -> None:
         t.cancel()
     await asyncio.gather(*tasks, return_exceptions=True)
     watch.cancel()
-    print(json.dumps({"opened": opened, "closed_by_server": closed, "endings": endings}), flush=True)
+    report = {"opened": opened, "closed_by_server": closed, "endings": endings}
+    if args.hold_on_data:
+        report["bytes_received"] = received
+    print(json.dumps(report), flush=True)
 
 
 async def probe(args: argparse.Namespace) -> None:
     line = args.line.encode().decode("unicode_escape").encode("latin-1")
     lat: list[float] = []
     for i in range(args.tries):
+        if i and args.interval > 0:
+            await asyncio.sleep(args.interval)
         payload = b"probe %d\n" % i
         t0 = time.perf_counter()
         local = (args.source, 0) if args.source else None
@@ -149,12 +201,14 @@ def main() -> None:
     a.add_argument("--prefix", default="127.0.4.")
     a.add_argument("--drip", type=float, default=0.5)
     a.add_argument("--payload", default="HN/1")
+    a.add_argument("--hold-on-data", action="store_true", help="ignore received bytes; only EOF/reset ends a socket")
     b = sub.add_parser("probe")
     b.add_argument("host")
     b.add_argument("port", type=int)
     b.add_argument("--tries", type=int, default=20)
     b.add_argument("--line", default="")
     b.add_argument("--source", default="")
+    b.add_argument("--interval", type=float, default=0.0, help="seconds between round trips (not timed)")
     args = p.parse_args()
     if not (args.host.startswith("127.") or args.host == "::1"):
         sys.exit("slowloris.py: loopback targets only")

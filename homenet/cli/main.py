@@ -20,7 +20,7 @@ from homenet.cli.common import (
 )
 from homenet.node.address import AddressError, Route, parse_endpoint, parse_url
 from homenet.node.auth import Credentials
-from homenet.node.client import RouteFailed
+from homenet.node.client import Dialing, RouteFailed
 from homenet.node.keys import ROLES, KeyFileError, KeyStore, client_key
 from homenet.node.log import configure
 from homenet.node.settings import Settings, SettingsError, cli_options, client_settings, load_settings
@@ -45,6 +45,11 @@ def _tls(route: Route, args: argparse.Namespace) -> ssl.SSLContext | None:
         fail(str(exc), EXIT_USAGE)
 
 
+def _dialing(route: Route, args: argparse.Namespace) -> Dialing:
+    """How this command opens ``route``: its --timeout, key and TLS flags."""
+    return Dialing(args.timeout, _client_creds(args.key_file), _tls(route, args))
+
+
 def _client_creds(key_file: str | None) -> Credentials | None:
     """The key this command signs with (--key-file, HOMENET_KEY, HOMENET_KEY_FILE), if any."""
     try:
@@ -58,12 +63,23 @@ def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="homenet", description="Every server of a home network through one port.")
     p.add_argument("--version", action="version", version=f"homenet {__version__}")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    _add_node(sub)
+    _add_rl(sub)
+    _add_connect(sub)
+    _add_publish(sub)
+    _add_key(sub)
+    _add_listen(sub)
+    return p
 
+
+def _add_node(sub: Any) -> None:
     node = sub.add_parser("node", help="run a node (relay and/or home bridge)", description="Run a node.")
     for opt in cli_options():
         node.add_argument(opt.flag, **opt.kwargs)
     node.add_argument("--config", help="TOML config file (flags > HOMENET_* env > file)")
 
+
+def _add_rl(sub: Any) -> None:
     rl = sub.add_parser(
         "rl", help="remote-listen on a relay and forward every client to one target",
         description="Remote-listen on RELAY; every client of hn://RELAY/LISTENID is forwarded to --to HOST:PORT.",
@@ -75,18 +91,38 @@ def _parser() -> argparse.ArgumentParser:
             rl.add_argument(opt.flag, **opt.kwargs)
     rl.add_argument("--config", help="TOML config file")
 
+
+def _client_flags(cmd: argparse.ArgumentParser) -> None:
+    """What every command that opens a route takes: a deadline, a key, TLS."""
+    cmd.add_argument("url", metavar="URL")
+    cmd.add_argument("--timeout", type=float, default=10.0, help="seconds to open the route (default 10)")
+    cmd.add_argument("--key-file", metavar="FILE", help="key to sign requests with (default $HOMENET_KEY)")
+    cmd.add_argument("--tls-ca", metavar="PEM", help="CA to verify an hns:// node with (default: system store)")
+    cmd.add_argument("--tls-cert", metavar="PEM", help="client certificate for nodes that require one (mTLS)")
+    cmd.add_argument("--tls-key", metavar="PEM", help="private key of --tls-cert")
+
+
+def _add_connect(sub: Any) -> None:
     conn = sub.add_parser(
         "connect", help="netcat for HomeNet: stdin to the target, the target to stdout",
         description="Connect to URL; exit 0 when the target closes, 1 with a reason when the route fails.",
     )  # fmt: skip
-    conn.add_argument("url", metavar="URL")
+    _client_flags(conn)
     conn.add_argument("--data", help="send TEXT instead of reading stdin, then half-close")
-    conn.add_argument("--timeout", type=float, default=10.0, help="seconds to open the route (default 10)")
-    conn.add_argument("--key-file", metavar="FILE", help="key to sign requests with (default $HOMENET_KEY)")
-    conn.add_argument("--tls-ca", metavar="PEM", help="CA to verify an hns:// node with (default: system store)")
-    conn.add_argument("--tls-cert", metavar="PEM", help="client certificate for nodes that require one (mTLS)")
-    conn.add_argument("--tls-key", metavar="PEM", help="private key of --tls-cert")
 
+
+def _add_listen(sub: Any) -> None:
+    lis = sub.add_parser(
+        "listen", help="forward a local TCP port to URL",
+        description="Forward every connection to a local port to URL.",
+    )  # fmt: skip
+    _client_flags(lis)
+    lis.add_argument("--bind", default="127.0.0.1", help="local address (default 127.0.0.1)")
+    lis.add_argument("--port", type=int, default=0, help="local port (default: a free one)")
+    lis.add_argument("--log-level", default="warning", choices=["debug", "info", "warning", "error"])
+
+
+def _add_publish(sub: Any) -> None:
     pub = sub.add_parser(
         "publish", help="announce a service on the LAN over mDNS until stopped",
         description="Announce a service on the LAN (mDNS) until stopped; HomeNet nodes list it and reach it.",
@@ -104,6 +140,8 @@ def _parser() -> argparse.ArgumentParser:
         help="announce only on the interface with this address (repeatable; default: all)",
     )  # fmt: skip
 
+
+def _add_key(sub: Any) -> None:
     key = sub.add_parser("key", help="manage the keys a node accepts", description="Manage a node's keys file.")
     key.add_argument("--keys-file", metavar="FILE", help="default: $HOMENET_KEYS_FILE or STATE_DIR/keys.toml")
     key.add_argument("--state-dir", help="the node's state directory")
@@ -114,21 +152,6 @@ def _parser() -> argparse.ArgumentParser:
     ksub.add_parser("list", help="list keys (ids and roles, never secrets)")
     krev = ksub.add_parser("revoke", help="delete a key (running nodes notice within a second)")
     krev.add_argument("id", metavar="ID")
-
-    lis = sub.add_parser(
-        "listen", help="forward a local TCP port to URL",
-        description="Forward every connection to a local port to URL.",
-    )  # fmt: skip
-    lis.add_argument("url", metavar="URL")
-    lis.add_argument("--bind", default="127.0.0.1", help="local address (default 127.0.0.1)")
-    lis.add_argument("--port", type=int, default=0, help="local port (default: a free one)")
-    lis.add_argument("--timeout", type=float, default=10.0, help="seconds to open the route (default 10)")
-    lis.add_argument("--key-file", metavar="FILE", help="key to sign requests with (default $HOMENET_KEY)")
-    lis.add_argument("--tls-ca", metavar="PEM", help="CA to verify an hns:// node with (default: system store)")
-    lis.add_argument("--tls-cert", metavar="PEM", help="client certificate for nodes that require one (mTLS)")
-    lis.add_argument("--tls-key", metavar="PEM", help="private key of --tls-cert")
-    lis.add_argument("--log-level", default="warning", choices=["debug", "info", "warning", "error"])
-    return p
 
 
 def _given(args: argparse.Namespace, rl_only: bool = False) -> dict[str, Any]:
@@ -143,50 +166,27 @@ def _given(args: argparse.Namespace, rl_only: bool = False) -> dict[str, Any]:
 
 
 def _cmd_node(args: argparse.Namespace) -> int:
-    from homenet.control.rl import IdentityBusy
-    from homenet.control.runtime import Fatal, run_node
+    from homenet.control.runtime import run_node
 
-    try:
-        settings = load_settings(_given(args), config=args.config)
-        from homenet.node.policy import TargetPolicy
-
-        TargetPolicy.from_specs(settings.allow)  # fail now, not at the first client
-    except (SettingsError, ValueError) as exc:
-        fail(str(exc), EXIT_USAGE)
+    settings = load_settings(_given(args), config=args.config)  # errors: one line, exit 2 (guarded)
     configure(settings.log_level, settings.log_format)
     raise_nofile()
     try:
         run(run_node(settings, _announce, notice=_notice))
-    except IdentityBusy as exc:
-        fail(str(exc), EXIT_USAGE)
-    except (Fatal, TLSError) as exc:
-        fail(str(exc))
     except OSError as exc:
         fail(f"cannot listen on {settings.bind}:{settings.port}: {exc.strerror or exc}", EXIT_FAILED)
     return EXIT_OK
 
 
 def _cmd_rl(args: argparse.Namespace) -> int:
-    from homenet.control.rl import IdentityBusy
-    from homenet.control.runtime import Fatal, run_rl
+    from homenet.control.runtime import run_rl
 
-    try:
-        to = parse_endpoint(args.to)
-        parse_url(args.url)
-    except AddressError as exc:
-        fail(str(exc), EXIT_USAGE)
-    try:
-        settings = load_settings(_given(args, rl_only=True), config=args.config)
-    except SettingsError as exc:
-        fail(str(exc), EXIT_USAGE)
+    to = parse_endpoint(args.to)
+    parse_url(args.url)
+    settings = load_settings(_given(args, rl_only=True), config=args.config)
     configure(settings.log_level, settings.log_format)
     raise_nofile()
-    try:
-        run(run_rl(settings, args.url, to, _announce))
-    except IdentityBusy as exc:
-        fail(str(exc), EXIT_USAGE)
-    except Fatal as exc:
-        fail(str(exc))
+    run(run_rl(settings, args.url, to, _announce))
     return EXIT_OK
 
 
@@ -199,7 +199,7 @@ def _cmd_connect(args: argparse.Namespace) -> int:
         fail(str(exc), EXIT_USAGE)
     data = args.data.encode("utf-8") if args.data is not None else None
     try:
-        run(stdio_session(route, data, args.timeout, creds=_client_creds(args.key_file), tls=_tls(route, args)))
+        run(stdio_session(route, data, _dialing(route, args)))
     except RouteFailed as exc:
         fail(str(exc))
     except (ConnectionError, OSError) as exc:
@@ -218,15 +218,14 @@ def _cmd_listen(args: argparse.Namespace) -> int:
         fail(f"{route} names no target: add a hop, e.g. {route}/127.0.0.1:22", EXIT_USAGE)
     configure(args.log_level)
     raise_nofile()
-    creds = _client_creds(args.key_file)
-    tls = _tls(route, args)
+    dialing = _dialing(route, args)
 
     async def serve() -> None:
         import asyncio
 
         from homenet.control.runtime import signals
 
-        fwd = Forwarder(route, args.bind, args.port, args.timeout, creds, tls)
+        fwd = Forwarder(route, args.bind, args.port, dialing)
         try:
             ep = await fwd.start()
         except OSError as exc:

@@ -20,6 +20,7 @@ import ssl
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import grpc
 
@@ -32,6 +33,7 @@ from homenet.control.stream import Disconnected, Reconnecting
 from homenet.control.v1 import relay_pb2, relay_pb2_grpc
 from homenet.node.address import Route
 from homenet.node.auth import Credentials
+from homenet.node.client import Dialing
 from homenet.node.errors import Code, HomeNetError
 from homenet.node.forward import Forwarder
 from homenet.node.log import fields
@@ -157,6 +159,26 @@ class StateFile:
             log.warning("rl.state_not_saved", extra=fields(path=str(self.path), error=str(exc)))
 
 
+_CHANNEL_OPTIONS = [
+    ("grpc.keepalive_time_ms", 10_000),
+    ("grpc.keepalive_timeout_ms", 5_000),
+    ("grpc.keepalive_permit_without_calls", 1),
+    ("grpc.enable_retries", 0),
+]
+
+
+class _Stream:
+    """A Listen call and its one writer at a time (events are answered concurrently)."""
+
+    def __init__(self, call: Any) -> None:
+        self.call = call
+        self._lock = asyncio.Lock()
+
+    async def send(self, msg: relay_pb2.ListenerMessage) -> None:
+        async with self._lock, asyncio.timeout(REGISTER_TIMEOUT):
+            await self.call.write(msg)
+
+
 class RLClient:
     """Keeps one registration alive on one relay."""
 
@@ -188,7 +210,7 @@ class RLClient:
         if not route.hops:
             return str(route.entry)
         if self._forwarder is None:  # the stream rides a HomeNet route: forward a local port to it
-            self._forwarder = Forwarder(route, "127.0.0.1", 0, self.opts.dial_timeout, self.opts.creds, self._tls())
+            self._forwarder = Forwarder(route, "127.0.0.1", 0, self._dialing())
             ep = await self._forwarder.start()
             self._target_ep = str(ep)
         return self._target_ep
@@ -203,6 +225,9 @@ class RLClient:
             if room >= 8:
                 self._fresh = f"{creds.key_id}-{secrets.token_urlsafe(12)[:room]}"
         return self._fresh
+
+    def _dialing(self) -> Dialing:
+        return Dialing(self.opts.dial_timeout, self.opts.creds, self._tls())
 
     def _tls(self) -> ssl.SSLContext | None:
         """TLS for the data connections of an hns:// relay route (with our certificate, if any)."""
@@ -231,59 +256,59 @@ class RLClient:
         listen_id = self.opts.listen_id or saved_id or self._fresh_id()
         if listen_id != saved_id:
             secret = ""
-        direct_tls = self.opts.route.tls and not self.opts.route.hops
         channel = open_channel(
-            target,
-            direct_tls,
-            self.opts.tls_ca,
-            cert=self.opts.tls_cert,
-            key=self.opts.tls_key,
-            options=[
-                ("grpc.keepalive_time_ms", 10_000),
-                ("grpc.keepalive_timeout_ms", 5_000),
-                ("grpc.keepalive_permit_without_calls", 1),
-                ("grpc.enable_retries", 0),
-            ],
-        )
-        remote: RemoteListen | None = None
-        registered = False  # a refusal after a good registration is not a refusal of it
-        write_lock = asyncio.Lock()
+            target, self.opts.route.tls and not self.opts.route.hops, self.opts.tls_ca,
+            cert=self.opts.tls_cert, key=self.opts.tls_key, options=_CHANNEL_OPTIONS,
+        )  # fmt: skip
         metadata = call_metadata(self.opts.creds, "/homenet.v1.RelayService/Listen")
-        call = relay_pb2_grpc.RelayServiceStub(channel).Listen(metadata=metadata)  # type: ignore[call-arg]
-
-        async def send(msg: relay_pb2.ListenerMessage) -> None:
-            async with write_lock, asyncio.timeout(REGISTER_TIMEOUT):
-                await call.write(msg)
-
+        stream = _Stream(relay_pb2_grpc.RelayServiceStub(channel).Listen(metadata=metadata))  # type: ignore[call-arg]
+        registered = False  # a refusal after a good registration is not a refusal of it
         try:
-            register = relay_pb2.Register(
-                listen_id=listen_id, resume_secret=secret, name=self.opts.name, version=__version__,
-                pool_size=self.opts.pool_size, node_id=self.opts.node_id,
-            )  # fmt: skip
-            async with asyncio.timeout(REGISTER_TIMEOUT):
-                await call.write(relay_pb2.ListenerMessage(register=register))
-                first = await call.read()
-            if not isinstance(first, relay_pb2.RelayMessage) or first.WhichOneof("msg") != "registered":
-                raise Disconnected("relay closed the stream before registering us")
-            reg = first.registered
-            self.listen_id = reg.listen_id
-            self.state.save(reg.listen_id, reg.resume_secret)
-            self._ever_registered = True
+            reg = await self._register(stream, listen_id, secret)
             registered = True
-            log.info("rl.registered", extra=fields(url=self.url, pool=reg.pool_size))
-            self.announce(f"LISTENING {self.url}")
+            await self._serve_events(stream, reg)
+        except grpc.aio.AioRpcError as exc:
+            raise self._refusal(exc, listen_id, registered) from None
+        except TimeoutError:
+            raise Disconnected("relay did not answer the registration in time") from None
+        except OSError as exc:
+            raise Disconnected(str(exc)) from None
+        finally:
+            stream.call.cancel()
+            with contextlib.suppress(Exception):
+                await channel.close(None)
 
-            async def report(ticket: str, reason: str) -> None:
-                await send(relay_pb2.ListenerMessage(dial_failed=relay_pb2.DialFailed(ticket=ticket, reason=reason)))
+    async def _register(self, stream: _Stream, listen_id: str, secret: str) -> relay_pb2.Registered:
+        register = relay_pb2.Register(
+            listen_id=listen_id, resume_secret=secret, name=self.opts.name, version=__version__,
+            pool_size=self.opts.pool_size, node_id=self.opts.node_id,
+        )  # fmt: skip
+        async with asyncio.timeout(REGISTER_TIMEOUT):
+            await stream.call.write(relay_pb2.ListenerMessage(register=register))
+            first = await stream.call.read()
+        if not isinstance(first, relay_pb2.RelayMessage) or first.WhichOneof("msg") != "registered":
+            raise Disconnected("relay closed the stream before registering us")
+        reg = first.registered
+        self.listen_id = reg.listen_id
+        self.state.save(reg.listen_id, reg.resume_secret)
+        self._ever_registered = True
+        log.info("rl.registered", extra=fields(url=self.url, pool=reg.pool_size))
+        self.announce(f"LISTENING {self.url}")
+        return reg
 
-            remote = RemoteListen(
-                self.opts.route, self.serve, report, self.opts.dial_timeout, self.opts.creds, self._tls()
-            )
-            silence = 3 * (reg.ping_interval or 2.0)
+    async def _serve_events(self, stream: _Stream, reg: relay_pb2.Registered) -> None:
+        """Answer the relay's events until the stream ends or goes silent."""
+
+        async def report(ticket: str, reason: str) -> None:
+            await stream.send(relay_pb2.ListenerMessage(dial_failed=relay_pb2.DialFailed(ticket=ticket, reason=reason)))
+
+        remote = RemoteListen(self.opts.route, self.serve, report, self._dialing())
+        silence = 3 * (reg.ping_interval or 2.0)
+        try:
             while True:
                 try:
                     async with asyncio.timeout(silence):
-                        msg = await call.read()
+                        msg = await stream.call.read()
                 except TimeoutError:
                     raise Disconnected(f"relay silent for {silence:g}s") from None
                 if not isinstance(msg, relay_pb2.RelayMessage):
@@ -294,28 +319,21 @@ class RLClient:
                 elif kind == "pool_grant":
                     remote.pool_grant(msg.pool_grant.ticket, msg.pool_grant.endpoint)
                 elif kind == "ping":
-                    await send(relay_pb2.ListenerMessage(pong=relay_pb2.Pong(seq=msg.ping.seq)))
+                    await stream.send(relay_pb2.ListenerMessage(pong=relay_pb2.Pong(seq=msg.ping.seq)))
                 elif kind == "query":
-                    remote.spawn(self._answer(msg.query, send))
-        except grpc.aio.AioRpcError as exc:
-            if exc.code() is grpc.StatusCode.ABORTED:  # another process uses our identity: give up
-                raise Refused(f"relay {self.opts.route} refused {listen_id}: {exc.details()}") from None
-            if exc.code() in _FATAL and not registered:
-                message = f"relay {self.opts.route} refused {listen_id or 'registration'}: {exc.details()}"
-                if not self._ever_registered:
-                    raise Refused(message) from None
-                log.error("rl.refused", extra=fields(relay=str(self.opts.route), error=exc.details()))
-            raise Disconnected(f"{exc.code().name.lower()}: {exc.details()}") from None
-        except TimeoutError:
-            raise Disconnected("relay did not answer the registration in time") from None
-        except OSError as exc:
-            raise Disconnected(str(exc)) from None
+                    remote.spawn(self._answer(msg.query, stream.send))
         finally:
-            if remote is not None:
-                await remote.close()
-            call.cancel()
-            with contextlib.suppress(Exception):
-                await channel.close(None)
+            await remote.close()
+
+    def _refusal(self, exc: grpc.aio.AioRpcError, listen_id: str, registered: bool) -> HomeNetError:
+        """What a failed call means: give up (:class:`Refused`) or retry (:class:`Disconnected`)."""
+        if exc.code() is grpc.StatusCode.ABORTED:  # another process uses our identity: give up
+            return Refused(f"relay {self.opts.route} refused {listen_id}: {exc.details()}")
+        if exc.code() in _FATAL and not registered:
+            if not self._ever_registered:
+                return Refused(f"relay {self.opts.route} refused {listen_id or 'registration'}: {exc.details()}")
+            log.error("rl.refused", extra=fields(relay=str(self.opts.route), error=exc.details()))
+        return Disconnected(f"{exc.code().name.lower()}: {exc.details()}")
 
     async def _answer(
         self, fq: relay_pb2.ForwardedQuery, send: Callable[[relay_pb2.ListenerMessage], Awaitable[None]]

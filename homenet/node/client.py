@@ -11,10 +11,11 @@ import ipaddress
 import socket
 import ssl
 from dataclasses import dataclass
+from typing import Any
 
 from homenet.node.address import Endpoint, Route
 from homenet.node.auth import Credentials
-from homenet.node.dialer import connect, describe_os_error
+from homenet.node.dialer import connect_first, describe_os_error, system_resolve
 from homenet.node.errors import Code, HomeNetError
 from homenet.node.preamble import NEED_DATA, ProtocolError, Reply, ReplyParser, Verb, encode_request
 from homenet.node.tls import TLSError, client_context, connect_tls
@@ -45,6 +46,19 @@ class Opened:
     parser: ReplyParser | None = None
 
 
+@dataclass(frozen=True, slots=True)
+class Dialing:
+    """How a client opens routes: a deadline for each, the key it signs with, TLS for hns://."""
+
+    timeout: float = 10.0
+    creds: Credentials | None = None
+    tls: ssl.SSLContext | None = None
+
+    async def open(self, route: Route, **kw: Any) -> Opened:
+        """:func:`open_route` with these options (``kw``: its other arguments)."""
+        return await open_route(route, timeout=self.timeout, creds=self.creds, tls=self.tls, **kw)
+
+
 async def dial_endpoint(
     ep: Endpoint, timeout: float, tls: ssl.SSLContext | None = None, server_hostname: str | None = None
 ) -> socket.socket:
@@ -60,24 +74,21 @@ async def dial_endpoint(
 
 
 async def _dial(ep: Endpoint, timeout: float) -> socket.socket:
-    loop = asyncio.get_running_loop()
     try:
         addrs = [ipaddress.ip_address(ep.host)]
     except ValueError:
         try:
             async with asyncio.timeout(timeout):
-                infos = await loop.getaddrinfo(ep.host, ep.port, type=socket.SOCK_STREAM)
+                addrs = await system_resolve(ep.host, ep.port)
         except (OSError, TimeoutError) as exc:
             raise RouteFailed(f"cannot resolve {ep.host}: {exc}") from None
-        addrs = [ipaddress.ip_address(str(i[4][0]).split("%", 1)[0]) for i in infos]
-    last: Exception | None = None
-    for addr in addrs:
-        try:
-            return await connect(addr, ep.port, timeout)
-        except (OSError, TimeoutError) as exc:
-            last = exc
-    why = "timed out" if isinstance(last, TimeoutError) else describe_os_error(last)
-    raise RouteFailed(f"cannot reach node {ep}: {why}")
+    try:
+        sock, _ = await connect_first(addrs, ep.port, timeout)
+    except TimeoutError:
+        raise RouteFailed(f"cannot reach node {ep}: timed out") from None
+    except OSError as exc:
+        raise RouteFailed(f"cannot reach node {ep}: {describe_os_error(exc)}") from None
+    return sock
 
 
 def route_requests(route: Route, creds: Credentials | None = None) -> bytes:
@@ -97,6 +108,19 @@ async def next_reply(sock: socket.socket, parser: ReplyParser) -> Reply:
         parser.receive_data(await loop.sock_recv(sock, 65536))
     assert isinstance(event, Reply)
     return event
+
+
+async def _replies(route: Route, sock: socket.socket, parser: ReplyParser, names: list[str]) -> Reply | None:
+    """Read one reply per request (``names``: what each asked for); the last one, or RouteFailed
+    naming the hop that refused."""
+    last: Reply | None = None
+    for i, name in enumerate(names):
+        last = await next_reply(sock, parser)
+        if not last.ok:
+            where = route.prefix(i) if i else route.entry
+            reason = f"{where} refused {name}: {last.code.slug} ({int(last.code)}) {last.reason}".rstrip()
+            raise RouteFailed(reason, last.code, i)
+    return last
 
 
 async def open_route(
@@ -129,22 +153,13 @@ async def open_route(
             raise RouteFailed(str(exc)) from None
     sock = await dial_endpoint(via or route.entry, timeout, tls if route.tls else None, route.entry.host)
     parser = ReplyParser()
-    last: Reply | None = None
     try:
         async with asyncio.timeout(timeout):
             await loop.sock_sendall(sock, route_requests(route, creds) + (final or b"") + first)
             names = [str(h) for h in route.hops]
             if final is not None and wait_final:
                 names.append(final.split(b" ", 2)[1].decode().lower())
-            for i, name in enumerate(names):
-                last = await next_reply(sock, parser)
-                if not last.ok:
-                    where = route.prefix(i) if i else route.entry
-                    raise RouteFailed(
-                        f"{where} refused {name}: {last.code.slug} ({int(last.code)}) {last.reason}".rstrip(),
-                        last.code,
-                        i,
-                    )
+            last = await _replies(route, sock, parser, names)
         return Opened(sock, parser.trailing() if wait_final or final is None else b"", last, parser)
     except TimeoutError:
         sock.close()

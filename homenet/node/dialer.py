@@ -10,7 +10,7 @@ import errno
 import ipaddress
 import os
 import socket
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 
 from homenet.node.address import Endpoint
@@ -219,18 +219,25 @@ class Dialer:
         return await self._connect(allowed, target)
 
     async def _connect(self, allowed: list[IPAddress], target: Endpoint) -> Dialed:
-        last: BaseException | None = None
-        for addr in allowed:
-            try:
-                sock = await connect(addr, target.port, self.timeout)
-                return Dialed(sock, addr, target.port)
-            except TimeoutError as exc:
-                last = exc
-            except OSError as exc:
-                last = exc
-        if isinstance(last, TimeoutError):
-            raise DialError(Code.GATEWAY_TIMEOUT, f"{target} did not answer within {self.timeout:g}s")
-        raise DialError(Code.BAD_GATEWAY, f"{target}: {describe_os_error(last)}")
+        try:
+            sock, addr = await connect_first(allowed, target.port, self.timeout)
+        except TimeoutError:
+            raise DialError(Code.GATEWAY_TIMEOUT, f"{target} did not answer within {self.timeout:g}s") from None
+        except OSError as exc:
+            raise DialError(Code.BAD_GATEWAY, f"{target}: {describe_os_error(exc)}") from None
+        return Dialed(sock, addr, target.port)
+
+
+async def connect_first(addrs: Sequence[IPAddress], port: int, timeout: float) -> tuple[socket.socket, IPAddress]:
+    """Connect to the first of ``addrs`` that answers (each within ``timeout``); raises the
+    last failure (TimeoutError or OSError)."""
+    last: BaseException = OSError("no address to connect to")
+    for addr in addrs:
+        try:
+            return await connect(addr, port, timeout), addr
+        except (OSError, TimeoutError) as exc:
+            last = exc
+    raise last
 
 
 def describe_os_error(exc: BaseException | None) -> str:

@@ -4,20 +4,19 @@ standard input/output (``homenet connect``)."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import socket
-import ssl
 import sys
 import threading
 from typing import BinaryIO
 
 from homenet.node.address import Endpoint, Route
-from homenet.node.auth import Credentials
-from homenet.node.client import RouteFailed, open_route
+from homenet.node.client import Dialing, RouteFailed
 from homenet.node.dialer import listen_socket, tune
 from homenet.node.log import fields
-from homenet.node.splice import CarrierPool, Splice
+from homenet.node.splice import Splices
 
 log = logging.getLogger("homenet.forward")
 
@@ -25,18 +24,12 @@ log = logging.getLogger("homenet.forward")
 class Forwarder:
     """Listens on a local TCP port and splices each connection through ``route``."""
 
-    def __init__(
-        self, route: Route, bind: str = "127.0.0.1", port: int = 0, timeout: float = 10.0,
-        creds: Credentials | None = None, tls: ssl.SSLContext | None = None,
-    ) -> None:  # fmt: skip
+    def __init__(self, route: Route, bind: str = "127.0.0.1", port: int = 0, dialing: Dialing | None = None) -> None:
         self.route = route
-        self.creds = creds
-        self.tls = tls
         self.bind = bind
         self.port = port
-        self.timeout = timeout
-        self.pool = CarrierPool()
-        self.splices: set[Splice] = set()
+        self.dialing = dialing or Dialing()
+        self.splices = Splices()
         self._tasks: set[asyncio.Task[None]] = set()
         self._lsock: socket.socket | None = None
         self._accept_task: asyncio.Task[None] | None = None
@@ -64,23 +57,14 @@ class Forwarder:
             task.add_done_callback(self._tasks.discard)
 
     async def _serve(self, sock: socket.socket) -> None:
-        loop = asyncio.get_running_loop()
         try:
-            opened = await open_route(self.route, timeout=self.timeout, creds=self.creds, tls=self.tls)
+            opened = await self.dialing.open(self.route)
         except RouteFailed as exc:
             log.warning("listen.route_failed", extra=fields(route=str(self.route), error=str(exc)))
             sock.close()
             return
-        try:
-            if opened.early:
-                await loop.sock_sendall(sock, opened.early)
-        except OSError:
-            sock.close()
-            opened.sock.close()
-            return
-        sp = Splice(sock, opened.sock, self.pool, on_close=lambda s, e: self.splices.discard(s))
-        self.splices.add(sp)
-        sp.start()
+        with contextlib.suppress(OSError):  # the client left already: both are closed
+            await self.splices.start(sock, opened.sock, to_a=opened.early)
 
     async def close(self) -> None:
         if self._accept_task is not None:
@@ -91,19 +75,11 @@ class Forwarder:
         for task in list(self._tasks):
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
-        for sp in list(self.splices):
-            sp.abort("forwarder closed")
-        self.pool.close()
+        self.splices.abort_all("forwarder closed")
+        self.splices.pool.close()
 
 
-async def stdio_session(
-    route: Route,
-    data: bytes | None,
-    timeout: float,
-    out: BinaryIO | None = None,
-    creds: Credentials | None = None,
-    tls: ssl.SSLContext | None = None,
-) -> None:
+async def stdio_session(route: Route, data: bytes | None, dialing: Dialing, out: BinaryIO | None = None) -> None:
     """netcat over a route: ``data`` (or stdin) to the target, the target to stdout.
 
     Returns when the target closes its side; raises :class:`RouteFailed` if the route fails
@@ -111,7 +87,7 @@ async def stdio_session(
     """
     loop = asyncio.get_running_loop()
     out = out or sys.stdout.buffer
-    opened = await open_route(route, first=data or b"", timeout=timeout, creds=creds, tls=tls)
+    opened = await dialing.open(route, first=data or b"")
     sock = opened.sock
     try:
         if opened.early:

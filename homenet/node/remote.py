@@ -12,15 +12,13 @@ import contextlib
 import ipaddress
 import logging
 import socket
-import ssl
 from collections.abc import Awaitable, Callable
 
 from homenet.node.address import AddressError, Endpoint, Route, parse_endpoint
-from homenet.node.auth import Credentials
-from homenet.node.client import RouteFailed, dial_endpoint, next_reply, open_route
+from homenet.node.client import Dialing, RouteFailed, dial_endpoint, next_reply
 from homenet.node.log import fields
 from homenet.node.preamble import ProtocolError, Reply, Verb, encode_request
-from homenet.node.splice import CarrierPool, Splice
+from homenet.node.splice import Splices
 
 log = logging.getLogger("homenet.remote")
 
@@ -56,16 +54,11 @@ def hop_depth(reply: Reply | None) -> int:
 class RemoteListen:
     """One registration's data connections; owns their tasks until :meth:`close`."""
 
-    def __init__(
-        self, relay_route: Route, serve: Serve, report_failure: ReportFailure, timeout: float = 5.0,
-        creds: Credentials | None = None, tls: ssl.SSLContext | None = None,
-    ) -> None:  # fmt: skip
+    def __init__(self, relay_route: Route, serve: Serve, report_failure: ReportFailure, dialing: Dialing) -> None:
         self.route = relay_route
-        self.creds = creds
-        self.tls = tls
         self.serve = serve
         self.report_failure = report_failure
-        self.timeout = timeout
+        self.dialing = dialing
         self._tasks: set[asyncio.Task[None]] = set()
 
     def spawn(self, coro: Awaitable[None]) -> None:
@@ -85,14 +78,7 @@ class RemoteListen:
 
     async def _dial_back(self, ticket: str, client: str, via: Endpoint | None) -> None:
         try:
-            opened = await open_route(
-                self.route,
-                final=encode_request(Verb.TICKET, ticket),
-                timeout=self.timeout,
-                creds=self.creds,
-                tls=self.tls,
-                via=via,
-            )
+            opened = await self.dialing.open(self.route, final=encode_request(Verb.TICKET, ticket), via=via)
         except RouteFailed as exc:
             log.warning("rl.dial_back_failed", extra=fields(client=client, error=str(exc)))
             with contextlib.suppress(Exception):
@@ -103,14 +89,8 @@ class RemoteListen:
 
     async def _park(self, ticket: str, via: Endpoint | None) -> None:
         try:
-            opened = await open_route(
-                self.route,
-                final=encode_request(Verb.POOL, ticket),
-                timeout=self.timeout,
-                wait_final=False,
-                creds=self.creds,
-                tls=self.tls,
-                via=via,
+            opened = await self.dialing.open(
+                self.route, final=encode_request(Verb.POOL, ticket), wait_final=False, via=via
             )
         except RouteFailed as exc:
             log.debug("rl.park_failed", extra=fields(error=str(exc)))
@@ -145,32 +125,19 @@ class FixedTarget:
         self.host, self.port = host, port
         self.timeout = timeout
         self.idle_timeout = idle_timeout
-        self.pool = CarrierPool()
-        self.splices: set[Splice] = set()
+        self.splices = Splices(idle_timeout=idle_timeout)
 
     async def serve(self, sock: socket.socket, desc: str, early: bytes, depth: int) -> None:
         """Dial the target and splice; on failure close the client's connection."""
-        loop = asyncio.get_running_loop()
         try:
             target = await dial_endpoint(Endpoint(self.host, self.port), self.timeout)
         except RouteFailed as exc:
             log.warning("rl.target_failed", extra=fields(target=f"{self.host}:{self.port}", error=str(exc)))
             sock.close()
             return
-        try:
-            if early:
-                await loop.sock_sendall(target, early)
-        except OSError:
-            sock.close()
-            target.close()
-            return
-        sp = Splice(
-            sock, target, self.pool, idle_timeout=self.idle_timeout, on_close=lambda s, e: self.splices.discard(s)
-        )
-        self.splices.add(sp)
-        sp.start()
+        with contextlib.suppress(OSError):  # the target went away at once: both are closed
+            await self.splices.start(sock, target, to_b=early)
 
     def close(self) -> None:
-        for sp in list(self.splices):
-            sp.abort("closing")
-        self.pool.close()
+        self.splices.abort_all("closing")
+        self.splices.pool.close()

@@ -38,7 +38,7 @@ from homenet.node.preamble import (
 from homenet.node.router import Router
 from homenet.node.sessions import SessionTable, Target
 from homenet.node.settings import Settings
-from homenet.node.splice import CarrierPool, Splice
+from homenet.node.splice import CarrierPool, Splices
 from homenet.node.tls import ALPN_GRPC, TLSError, accept_tls, server_context
 
 log = logging.getLogger("homenet.node")
@@ -61,12 +61,11 @@ class GrpcPlane:
     """
 
     def __init__(self, pool: CarrierPool, dial_timeout: float) -> None:
-        self.pool = pool
         self.dial_timeout = dial_timeout
         #: Where the control server listens (set once it started).
         self.endpoint: tuple[str, int] | None = None
         self._peers: dict[int, str] = {}
-        self._splices: set[Splice] = set()
+        self._splices = Splices(pool)
 
     def peer_of(self, local_port: int) -> str | None:
         """The real client of a gRPC connection, by the port it reaches the control server from."""
@@ -80,24 +79,17 @@ class GrpcPlane:
         local_port = int(target.getsockname()[1])
         self._peers[local_port] = hs.peer
         try:
-            await asyncio.get_running_loop().sock_sendall(target, first)
+            await self._splices.start(hs.sock, target, to_b=first, on_close=lambda sp, exc: self._forget(local_port))
         except OSError:
-            target.close()
-            self._peers.pop(local_port, None)
+            self._forget(local_port)
             raise
-
-        def closed(sp: Splice, exc: BaseException | None) -> None:
-            self._splices.discard(sp)
-            self._peers.pop(local_port, None)
-
-        sp = Splice(hs.sock, target, self.pool, on_close=closed)
-        self._splices.add(sp)
-        sp.start()
         return True
 
+    def _forget(self, local_port: int) -> None:
+        self._peers.pop(local_port, None)
+
     def close(self) -> None:
-        for sp in list(self._splices):
-            sp.abort("node closed")
+        self._splices.abort_all("node closed")
 
 
 class Node:

@@ -21,6 +21,7 @@ from typing import Any
 
 from homenet.node.address import DEFAULT_PORT, AddressError, parse_endpoint, parse_url
 from homenet.node.errors import UsageError
+from homenet.node.policy import parse_rule
 
 
 class SettingsError(UsageError, ValueError):
@@ -143,6 +144,11 @@ class Settings:
                 parse_url(url)
             except AddressError as exc:
                 raise SettingsError(f"rl: {exc}") from None
+        for spec in self.allow:
+            try:
+                parse_rule(spec, lambda: ())  # the syntax now; 'lan' is expanded when the node starts
+            except ValueError:
+                raise SettingsError(f"allow {spec!r}: expected a CIDR like 192.168.1.0/24, or 'lan'") from None
         for iface in self.mdns_interface:
             if iface != "all":
                 try:

@@ -323,3 +323,51 @@ class Splice:
 def is_disconnect(exc: BaseException | None) -> bool:
     """True for the ordinary ways a peer goes away (not worth a warning in the log)."""
     return isinstance(exc, OSError) and exc.errno in _ABORT_ERRNOS
+
+
+class Splices:
+    """The splices one owner starts, sharing a carrier pool; all can be aborted at once."""
+
+    def __init__(self, pool: CarrierPool | None = None, idle_timeout: float | None = None) -> None:
+        self.pool = pool or CarrierPool()
+        self.idle_timeout = idle_timeout
+        self._live: set[Splice] = set()
+
+    def __len__(self) -> int:
+        return len(self._live)
+
+    async def start(
+        self,
+        a: socket.socket,
+        b: socket.socket,
+        *,
+        to_a: bytes = b"",
+        to_b: bytes = b"",
+        on_close: Callable[[Splice, BaseException | None], None] | None = None,
+    ) -> Splice:
+        """Send the bytes already in hand (``to_a``, ``to_b``), then splice ``a`` <-> ``b``.
+        If sending fails both sockets are closed and the error raised."""
+        loop = asyncio.get_running_loop()
+        try:
+            if to_a:
+                await loop.sock_sendall(a, to_a)
+            if to_b:
+                await loop.sock_sendall(b, to_b)
+        except BaseException:
+            a.close()
+            b.close()
+            raise
+
+        def closed(sp: Splice, exc: BaseException | None) -> None:
+            self._live.discard(sp)
+            if on_close is not None:
+                on_close(sp, exc)
+
+        sp = Splice(a, b, self.pool, idle_timeout=self.idle_timeout, on_close=closed)
+        self._live.add(sp)
+        sp.start()
+        return sp
+
+    def abort_all(self, reason: str) -> None:
+        for sp in list(self._live):
+            sp.abort(reason)

@@ -112,7 +112,15 @@ def test_env_values_are_converted() -> None:
     ],
 )
 def test_list_values_from_env(text: str, want: tuple[str, ...]) -> None:
-    assert load(env={"HOMENET_ALLOW": text}).allow == want
+    assert load(env={"HOMENET_MDNS_TYPES": text}).mdns_types == want
+
+
+def test_allow_rules_are_checked_when_the_settings_are_built() -> None:
+    assert load(env={"HOMENET_ALLOW": "10.0.0.0/8,192.168.1.0/24 lan"}).allow == ("10.0.0.0/8", "192.168.1.0/24", "lan")
+    with pytest.raises(
+        SettingsError, match=r"^HOMENET_ALLOW: allow 'b': expected a CIDR like 192.168.1.0/24, or 'lan'$"
+    ):
+        load(env={"HOMENET_ALLOW": "10.0.0.0/8,b"})
 
 
 def test_rl_list_from_env() -> None:

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 import pytest
 
 from homenet.node import splice as splice_mod
-from homenet.node.splice import CHUNK, HAVE_SPLICE, CarrierPool, Splice, is_disconnect
+from homenet.node.splice import CHUNK, HAVE_SPLICE, CarrierPool, Splice, Splices, is_disconnect
 
 MiB = 1 << 20
 BIG = 8 * MiB
@@ -492,3 +492,57 @@ async def test_peer_gone_ends_with_a_disconnect_error(pool: CountingPool, make_r
 )
 def test_is_disconnect(exc: BaseException | None, want: bool) -> None:
     assert is_disconnect(exc) is want
+
+
+# -- Splices: an owner's set -----------------------------------------------------------------------
+def _pair() -> tuple[socket.socket, socket.socket]:
+    a, b = socket.socketpair()
+    a.setblocking(False)
+    b.setblocking(False)
+    return a, b
+
+
+async def _read_exactly(sock: socket.socket, n: int) -> bytes:
+    loop = asyncio.get_running_loop()
+    out = b""
+    async with asyncio.timeout(5):
+        while len(out) < n:
+            chunk = await loop.sock_recv(sock, n - len(out))
+            assert chunk, "closed early"
+            out += chunk
+    return out
+
+
+async def test_splices_send_what_is_in_hand_first_then_splice() -> None:
+    owner = Splices()
+    client, a = _pair()
+    b, target = _pair()
+    ended = asyncio.Event()
+    await owner.start(a, b, to_a=b"early-for-client", to_b=b"early-for-target", on_close=lambda s, e: ended.set())
+    assert len(owner) == 1
+    assert await _read_exactly(client, 16) == b"early-for-client"
+    assert await _read_exactly(target, 16) == b"early-for-target"
+    loop = asyncio.get_running_loop()
+    await loop.sock_sendall(client, b"up")
+    assert await _read_exactly(target, 2) == b"up"
+    owner.abort_all("test over")
+    async with asyncio.timeout(5):
+        await ended.wait()
+    assert len(owner) == 0
+    for s in (client, target):
+        s.close()
+    owner.pool.close()
+
+
+async def test_splices_close_both_when_the_first_bytes_cannot_go() -> None:
+    owner = Splices()
+    a, gone = _pair()
+    gone.close()
+    b, target = _pair()
+    with pytest.raises(BrokenPipeError):
+        await owner.start(a, b, to_a=b"x" * 4_000_000)
+    assert a.fileno() == -1
+    assert b.fileno() == -1
+    assert len(owner) == 0
+    target.close()
+    owner.pool.close()
