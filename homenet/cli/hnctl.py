@@ -44,9 +44,12 @@ def _parser() -> argparse.ArgumentParser:
         ("status", "the node's identity, uptime and counters"),
         ("sessions", "sessions spliced now"),
         ("listeners", "listeners registered on this relay"),
+        ("peers", "the relays of this relay's fleet, as it sees them"),
     ):
         c = sub.add_parser(name, help=text, description=text.capitalize() + ".")
         c.add_argument("--json", action="store_true", help="print JSON")
+        if name == "listeners":
+            c.add_argument("--fleet", action="store_true", help="also the listeners of every peer relay")
     q = sub.add_parser(
         "query", help="list the LAN services of a remote home node",
         description="List the services a node discovered, through any chain: hnctl query hn://relay/home1.",
@@ -128,6 +131,34 @@ async def _sessions(client: ControlClient, as_json: bool) -> None:
         for s in resp.sessions
     ]
     print(_table(rows, ["ID", "CLIENT", "TARGET", "DIALED", "AGE", "UP", "DOWN"]))
+
+
+async def _peers(client: ControlClient, as_json: bool) -> None:
+    resp = await client.peers()
+    if as_json:
+        print(json.dumps(_to_dict(resp), indent=2))
+        return
+    me = resp.self
+    print(f"relay {me.relay_id[:12]} ({me.name}, {me.address}); {resp.moving} listeners moving")
+    rows = [
+        [p.target, p.relay_id[:12], p.state, str(p.listeners), f"{p.last_seen_seconds:.1f}s", str(p.forwarded), p.error]
+        for p in resp.peers
+    ]
+    print(_table(rows, ["PEER", "RELAY", "STATE", "LISTENERS", "LAST SEEN", "FORWARDED", "ERROR"]))
+
+
+async def _fleet_listeners(client: ControlClient, as_json: bool) -> None:
+    """``listeners --fleet``: this relay's listeners, then every peer's, as this relay sees them."""
+    local, peers = await client.listeners(), await client.peers(with_entries=True)
+    here = peers.self.relay_id[:12]
+    rows = [[x.listen_id, x.state, here, "local"] for x in local.listeners]
+    for p in peers.peers:
+        rows += [[e.listen_id, "online" if e.online else "offline", p.relay_id[:12], p.target] for e in p.entries]
+    rows.sort()
+    if as_json:
+        print(json.dumps([dict(zip(("listen_id", "state", "relay", "via"), r, strict=True)) for r in rows], indent=2))
+        return
+    print(_table(rows, ["LISTENID", "STATE", "RELAY", "VIA"]))
 
 
 async def _listeners(client: ControlClient, as_json: bool) -> None:
@@ -229,7 +260,9 @@ def main(argv: list[str] | None = None) -> int:
             elif args.command == "sessions":
                 await _sessions(client, args.json)
             elif args.command == "listeners":
-                await _listeners(client, args.json)
+                await (_fleet_listeners if args.fleet else _listeners)(client, args.json)
+            elif args.command == "peers":
+                await _peers(client, args.json)
             elif args.command == "query":
                 await _query(client, path, args)
             elif args.command == "kick":

@@ -16,6 +16,7 @@ import grpc
 
 from homenet.control.errors import abort
 from homenet.node.auth import AuthError, Authorizer, Credentials
+from homenet.node.fleet import FLEET_ROLE
 from homenet.node.keys import Key
 from homenet.node.limits import source_of
 from homenet.node.log import fields
@@ -57,15 +58,27 @@ def method_roles(s: Settings) -> dict[str, tuple[str, Required]]:
         "/homenet.v1.RelayService/Kick": ("admin", always),
         "/homenet.v1.NodeService/ListSessions": ("admin", always),
         "/homenet.v1.DiscoveryService/Query": ("query", lambda r: "skip" if r.path else query),
+        "/homenet.v1.FleetService/Watch": (FLEET_ROLE, always),
+        "/homenet.v1.FleetService/Lookup": (FLEET_ROLE, always),
+        "/homenet.v1.FleetService/Kick": (FLEET_ROLE, always),
+        "/homenet.v1.FleetService/Peers": ("admin", always),
     }
 
 
 class AuthInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
     """Authorizes each call on the method it routes to; failed logins count against the source."""
 
-    def __init__(self, settings: Settings, authorizer: Authorizer, grpc_plane: GrpcPlane) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        authorizer: Authorizer,
+        grpc_plane: GrpcPlane,
+        fleet_authorizer: Authorizer | None = None,
+    ) -> None:
         self.authorizer = authorizer
         self.grpc_plane = grpc_plane
+        #: Checks the fleet key (peer calls); None: this relay peers with nobody.
+        self.fleet_authorizer = fleet_authorizer
         self.roles = method_roles(settings)
 
     async def _check(self, method: str, context: grpc.aio.ServicerContext[Any, Any], request: Any) -> Key | None:
@@ -78,8 +91,11 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
         if not token["key"] and need != "required":
             return None
         peer = real_peer(self.grpc_plane, context.peer())
+        authorizer = self.fleet_authorizer if role == FLEET_ROLE else self.authorizer
+        if authorizer is None:
+            await abort(context, AuthError("this relay has no fleet key: it peers with nobody", forbidden=True))
         try:
-            return self.authorizer.authorize(method, token, role, source_of(peer))
+            return authorizer.authorize(method, token, role, source_of(peer))
         except AuthError as exc:
             log.info("auth.refused", extra=fields(method=method, peer=peer, reason=exc.reason))
             await abort(context, exc)

@@ -10,7 +10,16 @@ import grpc
 
 from homenet.control.auth import call_metadata
 from homenet.control.errors import CODE_OF_STATUS, code_of
-from homenet.control.v1 import discovery_pb2, discovery_pb2_grpc, node_pb2, node_pb2_grpc, relay_pb2, relay_pb2_grpc
+from homenet.control.v1 import (
+    discovery_pb2,
+    discovery_pb2_grpc,
+    fleet_pb2,
+    fleet_pb2_grpc,
+    node_pb2,
+    node_pb2_grpc,
+    relay_pb2,
+    relay_pb2_grpc,
+)
 from homenet.node.address import DEFAULT_PORT, parse_endpoint
 from homenet.node.auth import Credentials
 from homenet.node.errors import Code, HomeNetError
@@ -81,6 +90,7 @@ class ControlClient:
         self.nodes = node_pb2_grpc.NodeServiceStub(self.channel)
         self.relay = relay_pb2_grpc.RelayServiceStub(self.channel)
         self.discovery = discovery_pb2_grpc.DiscoveryServiceStub(self.channel)
+        self.fleet = fleet_pb2_grpc.FleetServiceStub(self.channel)
 
     async def __aenter__(self) -> ControlClient:
         return self
@@ -113,6 +123,12 @@ class ControlClient:
     async def listeners(self) -> relay_pb2.ListListenersResponse:
         resp: relay_pb2.ListListenersResponse = await self._call(
             "RelayService", "ListListeners", self.relay.ListListeners, relay_pb2.ListListenersRequest()
+        )
+        return resp
+
+    async def peers(self, with_entries: bool = False) -> fleet_pb2.PeersResponse:
+        resp: fleet_pb2.PeersResponse = await self._call(
+            "FleetService", "Peers", self.fleet.Peers, fleet_pb2.PeersRequest(with_entries=with_entries)
         )
         return resp
 

@@ -11,6 +11,8 @@ from homenet.control.v1 import discovery_pb2, discovery_pb2_grpc
 from homenet.node.discovery import Service
 from homenet.node.query import Query, QueryAnswer, QueryError, QueryRouter
 
+#: Metadata of a query a relay of the fleet passes to the listener's relay (never passed on again).
+FORWARDED_KEY = "x-homenet-fwd"
 #: Longest a query may take, whatever deadline the caller set.
 MAX_QUERY_TIMEOUT = 30.0
 
@@ -66,7 +68,8 @@ class DiscoveryServicer(discovery_pb2_grpc.DiscoveryServiceServicer):
         remaining = context.time_remaining()
         timeout = 5.0 if remaining is None else max(0.1, remaining - 0.05)
         try:
-            answer = await self.router.query(query_from_pb(request, timeout))
+            meta = dict((k, v) for k, v in (context.invocation_metadata() or ()) if isinstance(v, str))
+            answer = await self.router.query(query_from_pb(request, timeout), forwarded=FORWARDED_KEY in meta)
         except QueryError as exc:
             await abort(context, exc)
         return answer_to_pb(answer)

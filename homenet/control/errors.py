@@ -30,6 +30,7 @@ STATUS: dict[Code, grpc.StatusCode] = {
     Code.TOO_MANY: grpc.StatusCode.RESOURCE_EXHAUSTED,
     Code.HOP_LIMIT: grpc.StatusCode.FAILED_PRECONDITION,
     Code.LOOP: grpc.StatusCode.FAILED_PRECONDITION,
+    Code.MOVING: grpc.StatusCode.UNAVAILABLE,
     Code.INTERNAL: grpc.StatusCode.INTERNAL,
     Code.BAD_GATEWAY: grpc.StatusCode.UNAVAILABLE,
     Code.UNAVAILABLE: grpc.StatusCode.UNAVAILABLE,

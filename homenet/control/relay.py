@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 
 import grpc
 
@@ -64,10 +64,18 @@ def to_event_message(event: Event) -> relay_pb2.RelayMessage:
 class RelayServicer(relay_pb2_grpc.RelayServiceServicer):
     """Translates the Listen stream to :class:`Relay` calls and its events back to messages."""
 
-    def __init__(self, relay: Relay, grpc_plane: GrpcPlane, name: str) -> None:
+    def __init__(
+        self,
+        relay: Relay,
+        grpc_plane: GrpcPlane,
+        name: str,
+        fleet_kick: Callable[[str], Awaitable[bool]] | None = None,
+    ) -> None:
         self.relay = relay
         self.grpc_plane = grpc_plane
         self.name = name
+        #: Kicks a listener another relay of the fleet holds.
+        self.fleet_kick = fleet_kick
 
     async def Listen(
         self, request_iterator: AsyncIterator[relay_pb2.ListenerMessage], context: Context
@@ -138,9 +146,12 @@ class RelayServicer(relay_pb2_grpc.RelayServiceServicer):
     async def Kick(
         self, request: relay_pb2.KickRequest, context: grpc.aio.ServicerContext[object, object]
     ) -> relay_pb2.KickResponse:
-        if not self.relay.kick(request.listen_id):
-            await abort(context, ListenerNotFound(f"no listener {request.listen_id[:80]} on this relay"))
-        return relay_pb2.KickResponse(kicked=True)
+        if self.relay.kick(request.listen_id):
+            return relay_pb2.KickResponse(kicked=True)
+        if self.fleet_kick is not None and await self.fleet_kick(request.listen_id):
+            return relay_pb2.KickResponse(kicked=True)
+        where = "in this fleet" if self.fleet_kick is not None else "on this relay"
+        await abort(context, ListenerNotFound(f"no listener {request.listen_id[:80]} {where}"))
 
 
 def to_listener_message(lst: Listener) -> relay_pb2.Listener:

@@ -15,15 +15,17 @@ from collections.abc import AsyncIterator, Callable
 
 from homenet.control.auth import AuthInterceptor
 from homenet.control.discovery import DiscoveryServicer
+from homenet.control.fleet import FleetServicer, Identity, PeerLinks
 from homenet.control.relay import RelayServicer
 from homenet.control.rl import IdentityBusy, Refused, RLClient, RLOptions
 from homenet.control.server import ControlServer
-from homenet.control.v1 import discovery_pb2_grpc, relay_pb2_grpc
+from homenet.control.v1 import discovery_pb2_grpc, fleet_pb2_grpc, relay_pb2_grpc
 from homenet.node.address import Endpoint, parse_url
 from homenet.node.assembly import Core, assemble
-from homenet.node.auth import Credentials
+from homenet.node.auth import Authorizer, Credentials
 from homenet.node.discovery import DEFAULT_TYPES, HOMENET_TYPE, Advertiser, Discovery, node_txt
 from homenet.node.errors import Code, HomeNetError
+from homenet.node.fleet import Fleet, FleetDirectory, FleetKey, LocalFeed
 from homenet.node.keys import ensure_first_key, parse_key_ref
 from homenet.node.log import fields
 from homenet.node.remote import FixedTarget
@@ -147,14 +149,25 @@ class NodeRuntime:
             if settings.mdns
             else None
         )
-        self.core: Core = assemble(settings, discovery)
+        node_id = secrets.token_hex(8)
+        self.fleet, self.links = _fleet(settings, node_id)
+        self.core: Core = assemble(
+            settings, discovery, node_id=node_id, fleet=self.fleet,
+            fleet_queries=self.links.query if self.links is not None else None,
+        )  # fmt: skip
         core = self.core
-        self.control = ControlServer([AuthInterceptor(settings, core.authorizer, core.node.grpc)])
+        fleet_auth = Authorizer(self.fleet.verifier, core.limiter) if self.fleet is not None else None
+        self.control = ControlServer([AuthInterceptor(settings, core.authorizer, core.node.grpc, fleet_auth)])
         self.control.add_node(core.node, core.relay.registry.online_count)
         relay_pb2_grpc.add_RelayServiceServicer_to_server(
-            RelayServicer(core.relay, core.node.grpc, settings.name), self.control.server
+            RelayServicer(core.relay, core.node.grpc, settings.name, self.links.kick if self.links else None),
+            self.control.server,
         )
         discovery_pb2_grpc.add_DiscoveryServiceServicer_to_server(DiscoveryServicer(core.queries), self.control.server)
+        identity = Identity(node_id, settings.name, lambda: str(core.node.address))
+        fleet_pb2_grpc.add_FleetServiceServicer_to_server(
+            FleetServicer(self.fleet, core.relay, identity), self.control.server
+        )
         self.listeners = Listeners(
             [RLClient(rl_options(settings, u, core.node_id), self._serve, self._listening, core.queries.query)
              for u in settings.rl]
@@ -207,6 +220,8 @@ class NodeRuntime:
             await self.close()
             raise
         core.relay.start()
+        if self.links is not None:
+            self.links.start()
         self.announce(f"READY {core.node.url}")
         self.listeners.start()
 
@@ -220,6 +235,8 @@ class NodeRuntime:
         node.stop_accepting()
         await self.listeners.close()
         await self.core.relay.close()  # listeners hear it now and go to another relay
+        if self.links is not None:
+            await self.links.close()
         # unary calls in flight get a short grace; long streams (health watches) must not hold
         # an idle node for the whole drain period
         await asyncio.gather(node.drain(grace), self.control.stop(min(1.0, grace)))
@@ -228,6 +245,10 @@ class NodeRuntime:
         """Close everything now."""
         core = self.core
         await self.listeners.close()
+        if self.links is not None:
+            await self.links.close()
+        if self.fleet is not None:
+            self.fleet.close()
         if self.advertiser is not None:
             await self.advertiser.close()
         if core.discovery is not None:
@@ -235,6 +256,16 @@ class NodeRuntime:
         await core.relay.close()
         await core.node.close()
         await self.control.stop(0)
+
+
+def _fleet(settings: Settings, node_id: str) -> tuple[Fleet | None, PeerLinks | None]:
+    """This relay's fleet parts, if it has a fleet key (no key: it peers with nobody)."""
+    if not settings.fleet_key_file:
+        return None, None
+    key = FleetKey.load(settings.fleet_key_file)
+    directory = FleetDirectory(node_id, settings.moving_hold)
+    links = PeerLinks(settings, key, node_id, directory)
+    return Fleet(key, node_id, directory, LocalFeed(), settings.dial_timeout, links.ask), links
 
 
 async def run_node(

@@ -13,10 +13,11 @@ from dataclasses import dataclass
 from homenet.node.auth import Authorizer, Verifier
 from homenet.node.dialer import Dialer
 from homenet.node.discovery import Discovery
+from homenet.node.fleet import Fleet
 from homenet.node.keys import KeyStore
 from homenet.node.limits import SourceLimiter
 from homenet.node.policy import TargetPolicy
-from homenet.node.query import QueryRouter
+from homenet.node.query import FleetQueries, QueryRouter
 from homenet.node.relay import Relay, RelaySettings
 from homenet.node.router import Router
 from homenet.node.server import Node
@@ -52,8 +53,17 @@ def relay_settings(settings: Settings) -> RelaySettings:
     )
 
 
-def assemble(settings: Settings, discovery: Discovery | None = None, dialer: Dialer | None = None) -> Core:
-    """Every part of a node for ``settings`` (nothing started yet)."""
+def assemble(
+    settings: Settings,
+    discovery: Discovery | None = None,
+    dialer: Dialer | None = None,
+    *,
+    node_id: str | None = None,
+    fleet: Fleet | None = None,
+    fleet_queries: FleetQueries | None = None,
+) -> Core:
+    """Every part of a node for ``settings`` (nothing started yet); ``fleet`` (built by the
+    composition root, which owns the peer links) makes the relay role one of a fleet."""
     keys = KeyStore(settings.keys_path)
     verifier = Verifier(keys)
     limiter = SourceLimiter(
@@ -63,12 +73,12 @@ def assemble(settings: Settings, discovery: Discovery | None = None, dialer: Dia
         penalty=settings.penalty_seconds,
     )
     authorizer = Authorizer(verifier, limiter)
-    node_id = secrets.token_hex(8)
-    relay = Relay(limiter, keys, node_id, relay_settings(settings))
+    node_id = node_id or secrets.token_hex(8)
+    relay = Relay(limiter, keys, node_id, relay_settings(settings), fleet)
     dialer = dialer or Dialer(TargetPolicy.from_specs(settings.allow), timeout=settings.dial_timeout)
-    router = Router(dialer, authorizer, settings.connect_auth, listeners=relay, services=discovery)
+    router = Router(dialer, authorizer, settings.connect_auth, listeners=relay, services=discovery, fleet=fleet)
     queries = QueryRouter(
-        settings.name, relay.queries, discovery, verifier if settings.query_auth == "required" else None
+        settings.name, relay.queries, discovery, verifier if settings.query_auth == "required" else None, fleet_queries
     )
     node = Node(settings, limiter, router, verbs=relay.verbs)
     return Core(settings, keys, verifier, limiter, authorizer, relay, router, queries, node, discovery, node_id)

@@ -19,9 +19,10 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Protocol
 
 from homenet.node.errors import Code, HomeNetError
-from homenet.node.keys import Key, KeyStore, Secret
+from homenet.node.keys import Key, Secret
 from homenet.node.limits import SourceLimiter
 from homenet.node.log import fields
 
@@ -65,10 +66,16 @@ class Credentials:
         return {"key": self.key_id, "ts": ts, "nonce": nonce, "mac": mac(self.secret, context, self.key_id, ts, nonce)}
 
 
+class KeyLookup(Protocol):
+    """Where a verifier finds keys (a node's :class:`KeyStore`, or the one fleet key)."""
+
+    def get(self, key_id: str) -> Key | None: ...
+
+
 class Verifier:
     """Checks tokens against a :class:`KeyStore`; owns the replay cache."""
 
-    def __init__(self, keys: KeyStore, clock: Callable[[], float] = time.time, skew: float = SKEW) -> None:
+    def __init__(self, keys: KeyLookup, clock: Callable[[], float] = time.time, skew: float = SKEW) -> None:
         self.keys = keys
         self.clock = clock
         self.skew = skew

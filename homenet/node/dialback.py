@@ -22,6 +22,17 @@ from homenet.node.tickets import TicketBook, TicketError
 DIAL, POOL = "dial", "pool"
 
 
+def wire_ticket(prefix: str, ticket: str) -> str:
+    """A ticket as listeners see it: the issuing relay's prefix (in a fleet), a dot, the ticket."""
+    return f"{prefix}.{ticket}" if prefix else ticket
+
+
+def split_ticket(wire: str) -> tuple[str, str]:
+    """(prefix, ticket) of a ticket as a listener sent it."""
+    prefix, dot, rest = wire.partition(".")
+    return (prefix, rest) if dot else ("", wire)
+
+
 @dataclass(frozen=True, slots=True)
 class DialWaiter:
     """A client waiting for its listener (``session``) to dial back from ``source``."""
@@ -38,8 +49,11 @@ TicketOwner = DialWaiter | Listener
 class DialBacks:
     """Clients waiting for dial-backs, by ticket."""
 
-    def __init__(self, tickets: TicketBook[TicketOwner], limiter: SourceLimiter, ttl: float, endpoint: str) -> None:
+    def __init__(
+        self, tickets: TicketBook[TicketOwner], limiter: SourceLimiter, ttl: float, endpoint: str, prefix: str = ""
+    ) -> None:
         self.tickets = tickets
+        self.prefix = prefix
         self.limiter = limiter
         self.ttl = ttl
         #: Where listeners dial back to (this relay's own address behind a load balancer).
@@ -53,7 +67,7 @@ class DialBacks:
         ticket = self.tickets.issue(
             DIAL, DialWaiter(session, fut, source), self.ttl, on_expire=lambda: self.limiter.unexpect(source)
         )
-        session.send(Incoming(ticket, client, self.ttl, self.endpoint))
+        session.send(Incoming(wire_ticket(self.prefix, ticket), client, self.ttl, self.endpoint))
         try:
             async with asyncio.timeout(self.ttl):
                 return await fut
@@ -97,7 +111,7 @@ class DialBacks:
 
     def _waiter(self, ticket: str) -> DialWaiter:
         try:
-            owner = self.tickets.redeem(ticket, DIAL).owner
+            owner = self.tickets.redeem(split_ticket(ticket)[1], DIAL).owner
         except TicketError as exc:
             raise RouteError(Code.UNAUTHORIZED, str(exc)) from None
         assert isinstance(owner, DialWaiter)  # a dial ticket is only ever issued for one

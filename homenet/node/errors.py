@@ -26,6 +26,8 @@ class Code(enum.IntEnum):
     TOO_MANY = 429
     HOP_LIMIT = 430
     LOOP = 431
+    #: The listener's relay went away and it is reconnecting to another relay of the fleet.
+    MOVING = 432
     INTERNAL = 500
     BAD_GATEWAY = 502
     UNAVAILABLE = 503

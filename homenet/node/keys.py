@@ -196,11 +196,11 @@ def client_key(
     if key:
         return parse_key_ref(key)
     if key_file:
-        return _key_from_file(Path(key_file))
+        return key_from_file(Path(key_file))
     if env.get("HOMENET_KEY"):
         return parse_key_ref(env["HOMENET_KEY"])
     if env.get("HOMENET_KEY_FILE"):
-        return _key_from_file(Path(env["HOMENET_KEY_FILE"]))
+        return key_from_file(Path(env["HOMENET_KEY_FILE"]))
     if local_keys is not None and local_keys.is_file():
         try:
             keys = load_keys(local_keys)
@@ -212,7 +212,7 @@ def client_key(
     return None
 
 
-def _key_from_file(path: Path) -> tuple[str, Secret]:
+def key_from_file(path: Path) -> tuple[str, Secret]:
     try:
         text = path.read_text().strip()
     except OSError as exc:

@@ -182,6 +182,8 @@ class Listener:
     takeovers: deque[float] = field(default_factory=lambda: deque(maxlen=WAR_TAKEOVERS))
     #: Until when takeovers are refused (a takeover war was seen).
     war_until: float = 0.0
+    #: When this registration was made (ns since the Unix epoch): in a fleet the newest wins.
+    registered_at: int = field(default_factory=time.time_ns)
 
     @property
     def online(self) -> bool:
@@ -195,9 +197,19 @@ def _digest(secret: str) -> bytes:
 class ListenerRegistry:
     """listenId -> :class:`Listener`; the one owner of registration rules."""
 
-    def __init__(self, offline_hold: float = 60.0, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(
+        self,
+        offline_hold: float = 60.0,
+        clock: Callable[[], float] = time.monotonic,
+        secret_for: Callable[[str], str] | None = None,
+        on_forget: Callable[[str], None] | None = None,
+    ) -> None:
         self.offline_hold = offline_hold
         self._clock = clock
+        #: The resumption secret of a listenId when it is derived (a fleet), else random.
+        self.secret_for = secret_for
+        #: Told of every listenId the registry forgets (expired, kicked, moved away).
+        self.on_forget = on_forget
         self._by_id: dict[str, Listener] = {}
 
     def __len__(self) -> int:
@@ -231,7 +243,9 @@ class ListenerRegistry:
             if existing.online:
                 self._check_war(existing)
                 replaced = existing
-        secret = resume_secret or secrets.token_urlsafe(24)
+        secret = (
+            self.secret_for(listen_id) if self.secret_for is not None else resume_secret or secrets.token_urlsafe(24)
+        )
         record = Listener(listen_id, _digest(secret))
         if existing is not None:  # keep the counters and the takeover history across reconnects
             record.total, record.bytes_up, record.bytes_down = existing.total, existing.bytes_up, existing.bytes_down
@@ -269,7 +283,7 @@ class ListenerRegistry:
             raise ListenerNotFound(f"no listener {listen_id} on this relay")
         if not lst.online:
             if lst.offline_since is not None and self._clock() - lst.offline_since > self.offline_hold:
-                del self._by_id[listen_id]
+                self._forget(listen_id)
                 raise ListenerNotFound(f"no listener {listen_id} on this relay")
             raise ListenerOffline(f"listener {listen_id} is offline (its node is reconnecting or gone)")
         return lst
@@ -284,7 +298,15 @@ class ListenerRegistry:
             lst.offline_since = self._clock()
 
     def remove(self, listen_id: str) -> Listener | None:
-        return self._by_id.pop(listen_id, None)
+        lst = self._by_id.get(listen_id)
+        if lst is not None:
+            self._forget(listen_id)
+        return lst
+
+    def _forget(self, listen_id: str) -> None:
+        del self._by_id[listen_id]
+        if self.on_forget is not None:
+            self.on_forget(listen_id)
 
     def expire(self) -> None:
         """Forget offline records older than the hold."""
@@ -294,4 +316,4 @@ class ListenerRegistry:
             for lid, lst in self._by_id.items()
             if not lst.online and lst.offline_since is not None and now - lst.offline_since > self.offline_hold
         ]:
-            del self._by_id[lid]
+            self._forget(lid)

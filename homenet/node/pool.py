@@ -14,7 +14,7 @@ import socket
 import time
 
 from homenet.node.connection import Handshake
-from homenet.node.dialback import POOL, TicketOwner
+from homenet.node.dialback import POOL, TicketOwner, split_ticket, wire_ticket
 from homenet.node.errors import Code, RouteError
 from homenet.node.limits import SourceLimiter, source_of
 from homenet.node.listeners import Listener, PoolGrant
@@ -25,9 +25,16 @@ class ParkedPool:
     """Parked connections of every listener of one relay, and their grants."""
 
     def __init__(
-        self, tickets: TicketBook[TicketOwner], limiter: SourceLimiter, ttl: float, max_age: float, endpoint: str
+        self,
+        tickets: TicketBook[TicketOwner],
+        limiter: SourceLimiter,
+        ttl: float,
+        max_age: float,
+        endpoint: str,
+        prefix: str = "",
     ) -> None:
         self.tickets = tickets
+        self.prefix = prefix
         self.limiter = limiter
         self.ttl = ttl
         self.max_age = max_age
@@ -38,7 +45,7 @@ class ParkedPool:
         """``HN/1 POOL <ticket>``: a listener parks a warm connection."""
         assert hs.request is not None
         try:
-            owner = self.tickets.redeem(hs.request.arg, POOL).owner
+            owner = self.tickets.redeem(split_ticket(hs.request.arg)[1], POOL).owner
         except TicketError as exc:
             raise RouteError(Code.UNAUTHORIZED, str(exc)) from None
         assert isinstance(owner, Listener)  # a pool ticket is only ever issued for one
@@ -89,7 +96,7 @@ class ParkedPool:
 
             self.limiter.expect(source)
             ticket = self.tickets.issue(POOL, lst, self.ttl, on_expire=expired)
-            session.send(PoolGrant(ticket, self.ttl, self.endpoint))
+            session.send(PoolGrant(wire_ticket(self.prefix, ticket), self.ttl, self.endpoint))
 
     def recycle(self, lst: Listener, now: float) -> None:
         """Close connections parked longer than ``max_age`` (NAT mappings of old idle flows

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 
 from homenet.node.address import MAX_HOPS
@@ -83,6 +83,10 @@ class QueryAnswer:
     discovery_enabled: bool = False
 
 
+#: Asks the fleet's owner of ``query.path[0]`` to answer ``query`` (raises QueryError).
+FleetQueries = Callable[["Query"], Awaitable["QueryAnswer"]]
+
+
 class ListenerQueries:
     """Queries forwarded down listener streams, waiting for their answers (relay role)."""
 
@@ -141,15 +145,23 @@ class QueryRouter:
     """
 
     def __init__(
-        self, node_name: str, forwarder: ListenerQueries, discovery: Discovery | None, verifier: Verifier | None
+        self,
+        node_name: str,
+        forwarder: ListenerQueries,
+        discovery: Discovery | None,
+        verifier: Verifier | None,
+        fleet: FleetQueries | None = None,
     ) -> None:
         self.node_name = node_name
         self.forwarder = forwarder
         self.discovery = discovery
         self.verifier = verifier
+        #: Asks the relay of the fleet that owns the path's first listener (a local miss).
+        self.fleet = fleet
 
-    async def query(self, q: Query, listen_id: str | None = None) -> QueryAnswer:
-        """Answer ``q``; ``listen_id`` is our id on the relay that forwarded it (if any)."""
+    async def query(self, q: Query, listen_id: str | None = None, forwarded: bool = False) -> QueryAnswer:
+        """Answer ``q``; ``listen_id`` is our id on the relay that forwarded it (if any);
+        ``forwarded``: a peer of the fleet asked (never asked further in the fleet)."""
         check_path(q.path)
         if not q.path:
             if listen_id is not None and q.origin and q.origin[-1] != listen_id:
@@ -163,7 +175,14 @@ class QueryRouter:
                 return QueryAnswer([], self.node_name, False)
             return QueryAnswer(self.discovery.query(q.name, q.type), self.node_name, True)
         nxt = Query(q.path[1:], q.name, q.type, max(MIN_TIMEOUT, q.timeout - HOP_MARGIN), q.origin, q.token)
-        return await self.forwarder.forward(q.path[0], nxt)
+        try:
+            return await self.forwarder.forward(q.path[0], nxt)
+        except QueryError as exc:
+            if exc.kind != "not_found" or self.fleet is None or forwarded:
+                raise
+        return await self.fleet(
+            Query(q.path, q.name, q.type, max(MIN_TIMEOUT, q.timeout - HOP_MARGIN), q.origin, q.token)
+        )
 
 
 def check_path(path: Sequence[str]) -> None:

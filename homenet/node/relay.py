@@ -11,19 +11,22 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hmac
 import logging
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 
 from homenet.node.address import MAX_HOPS, ListenId
 from homenet.node.connection import Handshake
-from homenet.node.dialback import DialBacks, DialWaiter, TicketOwner
+from homenet.node.dialback import DialBacks, DialWaiter, TicketOwner, split_ticket
 from homenet.node.errors import Code, RouteError
+from homenet.node.fleet import Entry, Fleet
 from homenet.node.keys import Key, KeyStore
 from homenet.node.limits import SourceLimiter
 from homenet.node.listeners import (
     Listener,
+    ListenerConflict,
     ListenerError,
     ListenerForbidden,
     ListenerLoop,
@@ -41,7 +44,7 @@ from homenet.node.tickets import TicketBook
 log = logging.getLogger("homenet.relay")
 
 #: Serves a data-plane request with another verb than CONNECT; True when it took the socket.
-VerbHandler = Callable[[Handshake], bool]
+VerbHandler = Callable[[Handshake], Awaitable[bool]]
 
 
 @dataclass(frozen=True, slots=True)
@@ -86,18 +89,31 @@ class Relay:
     query forwarding, and the housekeeping (pings, expiry) that keeps them true."""
 
     def __init__(
-        self, limiter: SourceLimiter, keys: KeyStore, node_id: str, settings: RelaySettings | None = None
+        self,
+        limiter: SourceLimiter,
+        keys: KeyStore,
+        node_id: str,
+        settings: RelaySettings | None = None,
+        fleet: Fleet | None = None,
     ) -> None:
         self.limiter = limiter
         self.keys = keys
         #: The id of this node process: a registration from it is a loop.
         self.node_id = node_id
         self.settings = s = settings or RelaySettings()
-        self.registry = ListenerRegistry(s.offline_hold)
+        self.fleet = fleet
+        if fleet is not None:
+            fleet.directory.on_upsert(self.superseded)
+        self.registry = ListenerRegistry(
+            s.offline_hold,
+            secret_for=fleet.key.resume_secret if fleet is not None else None,
+            on_forget=fleet.feed.remove if fleet is not None else None,
+        )
         tickets: TicketBook[TicketOwner] = TicketBook()
         self.tickets = tickets
-        self.dialbacks = DialBacks(tickets, limiter, s.dialback_timeout, s.advertise)
-        self.pool = ParkedPool(tickets, limiter, s.pool_ticket_ttl, s.pool_max_age, s.advertise)
+        prefix = fleet.ticket_prefix if fleet is not None else ""
+        self.dialbacks = DialBacks(tickets, limiter, s.dialback_timeout, s.advertise, prefix)
+        self.pool = ParkedPool(tickets, limiter, s.pool_ticket_ttl, s.pool_max_age, s.advertise, prefix)
         self.queries = ListenerQueries(self.registry)
         self._seq = 0
         self._ticker: asyncio.Task[None] | None = None
@@ -105,7 +121,27 @@ class Relay:
     @property
     def verbs(self) -> Mapping[Verb, VerbHandler]:
         """The data-plane verbs of this role: listeners dialing back and parking."""
-        return {Verb.TICKET: self.dialbacks.redeem, Verb.POOL: self.pool.park}
+        return {Verb.TICKET: self._dial_back, Verb.POOL: self._park}
+
+    async def _dial_back(self, hs: Handshake) -> bool:
+        return await self._ticketed(hs) or self.dialbacks.redeem(hs)
+
+    async def _park(self, hs: Handshake) -> bool:
+        return await self._ticketed(hs) or self.pool.park(hs)
+
+    async def _ticketed(self, hs: Handshake) -> bool:
+        """A ticket another relay of the fleet issued (the listener's dial-back reached us
+        through the shared address) goes on to that relay; True when it went."""
+        if self.fleet is None:
+            return False
+        assert hs.request is not None
+        if self.fleet.forwarded(hs):
+            self.fleet.verify(hs)  # a peer passed it on: ours or nobody's, never forwarded again
+            return False
+        prefix, _ = split_ticket(hs.request.arg)
+        if not prefix or prefix == self.fleet.ticket_prefix:
+            return False
+        return await self.fleet.forward_verb(hs, prefix)
 
     def start(self) -> None:
         self._ticker = asyncio.get_running_loop().create_task(self._tick())
@@ -132,6 +168,7 @@ class Relay:
         if reg.node_id and reg.node_id == self.node_id:
             raise ListenerLoop("this relay is the registering node itself: the --rl route loops back")
         claim = self._claimable(reg.listen_id, key)
+        self._check_fleet(claim, reg.resume_secret)
         lst, secret, replaced = self.registry.claim(claim, reg.resume_secret)
         if replaced is not None and replaced.session is not None:
             replaced.session.close("replaced by a newer registration of the same owner")
@@ -147,7 +184,34 @@ class Relay:
             ),
         )
         self.pool.refill(lst)
+        self._announce(lst)
         return lst, session, secret
+
+    def _check_fleet(self, claim: str, resume_secret: str) -> None:
+        """A listenId another relay of the fleet holds (or held moments ago) is its owner's:
+        only the owner's resumption secret moves it here."""
+        fleet = self.fleet
+        if fleet is None or not claim or self.registry.lookup(claim) is not None:
+            return
+        if fleet.directory.known(claim) and not hmac.compare_digest(resume_secret, fleet.key.resume_secret(claim)):
+            raise ListenerConflict(f"listenId {claim} is held by a live node on another relay of the fleet")
+
+    def _announce(self, lst: Listener) -> None:
+        """Tell the fleet (our feed) what this relay now holds for ``lst``."""
+        if self.fleet is not None and self.registry.lookup(lst.listen_id) is lst:
+            self.fleet.feed.upsert(Entry(lst.listen_id, lst.registered_at, lst.online))
+
+    def superseded(self, entry: Entry, relay_id: str) -> None:
+        """A peer holds a newer registration of ``entry.listen_id``: ours is stale, close it
+        (the listener reconnected to that relay; two owners must never stay)."""
+        lst = self.registry.lookup(entry.listen_id)
+        if lst is None or not entry.online or entry.registered_at <= lst.registered_at:
+            return
+        if lst.session is not None:
+            lst.session.close(f"replaced by a newer registration on relay {relay_id[:12]}")
+        self._offline(lst)
+        self.registry.remove(lst.listen_id)
+        log.info("listener.moved", extra=fields(listen_id=lst.listen_id, relay=relay_id[:12]))
 
     def _claimable(self, claim: str, key: Key | None) -> str:
         """The listenId the caller may claim for ``claim``; raises ListenerForbidden."""
@@ -170,6 +234,7 @@ class Relay:
         if lst.session is session:
             self._offline(lst)
             self.registry.went_offline(lst)
+            self._announce(lst)
             log.info("listener.offline", extra=fields(listen_id=lst.listen_id, reason=reason))
 
     def kick(self, listen_id: str) -> bool:

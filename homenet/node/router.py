@@ -23,6 +23,7 @@ from homenet.node.connection import Handshake
 from homenet.node.dialer import Dialed, Dialer, DialError
 from homenet.node.discovery import Service, dial_service
 from homenet.node.errors import Code, RouteError
+from homenet.node.fleet import Fleet, Owner
 from homenet.node.keys import Key
 from homenet.node.limits import source_of
 from homenet.node.listeners import Listener
@@ -57,12 +58,14 @@ class Router:
         connect_auth: str = "direct",
         listeners: Listeners | None = None,
         services: Services | None = None,
+        fleet: Fleet | None = None,
     ) -> None:
         self.dialer = dialer
         self.authorizer = authorizer
         self.connect_auth = connect_auth
         self.listeners = listeners
         self.services = services
+        self.fleet = fleet
 
     def authorize(self, hs: Handshake, role: str) -> Key:
         """The key that signed ``hs``'s request, if it holds ``role``; else an AuthError
@@ -72,6 +75,12 @@ class Router:
 
     async def route(self, hs: Handshake, hop: Endpoint | ListenId) -> Target:
         """Connect ``hs`` to ``hop``, checking the auth the hop needs first."""
+        forwarded = self.fleet is not None and self.fleet.forwarded(hs)
+        if forwarded:
+            assert self.fleet is not None
+            self.fleet.verify(hs)  # a peer vouches for the client: no key asked again, no hop further
+            if isinstance(hop, Endpoint):
+                raise RouteError(Code.BAD_REQUEST, "a forwarded hop names a listener, not a target")
         if isinstance(hop, Endpoint):
             if self.connect_auth != "none":
                 self.authorize(hs, "connect")
@@ -80,11 +89,15 @@ class Router:
         listener = self.listeners.lookup(hop) if self.listeners is not None else None
         if listener is not None:
             assert self.listeners is not None
-            if self.connect_auth == "all":
+            if self.connect_auth == "all" and not forwarded:
                 self.authorize(hs, "connect")
             return await self.listeners.connect(hs, listener)
-        svc = self.services.by_listen_id(hop.value) if self.services is not None else None
+        svc = self.services.by_listen_id(hop.value) if self.services is not None and not forwarded else None
         if svc is None:
+            if self.fleet is not None and not forwarded:
+                owner = await self.fleet.locate(hop)
+                if owner is not None:
+                    return await self._to_owner(hs, hop, owner)
             what = "listener or service" if self.listeners is not None else "listener"
             raise RouteError(Code.NOT_FOUND, f"no {what} {hop} on this node")
         if self.connect_auth == "all" or (self.connect_auth == "direct" and not svc.public):
@@ -94,3 +107,12 @@ class Router:
         except DialError as err:
             raise RouteError(err.code, f"service {hop}: {err.reason}") from None
         return Target(dialed.sock, f"service {hop} ({dialed})")
+
+    async def _to_owner(self, hs: Handshake, hop: ListenId, owner: Owner) -> Target:
+        """``hop`` is a listener of another relay of the fleet: one hop to it."""
+        assert self.fleet is not None
+        if not owner.entry.online:
+            raise RouteError(Code.UNAVAILABLE, f"listener {hop} is offline (its node is reconnecting or gone)")
+        if self.connect_auth == "all":
+            self.authorize(hs, "connect")
+        return await self.fleet.forward(hs, owner)

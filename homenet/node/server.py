@@ -48,7 +48,7 @@ _RECV = 65536
 _parse_hop = functools.lru_cache(maxsize=4096)(parse_hop)
 
 #: Serves a request with another verb than CONNECT (TICKET, POOL); True when it took the socket.
-VerbHandler = Callable[[Handshake], bool]
+VerbHandler = Callable[[Handshake], Awaitable[bool]]
 #: Serves a connection once its first bytes named its plane; True when it took the socket.
 PlaneHandler = Callable[[Handshake, bytes], Awaitable[bool]]
 
@@ -277,7 +277,7 @@ class Node:
             handler = self.verbs.get(event.verb)
             if handler is None:
                 raise RouteError(Code.BAD_REQUEST, f"{event.verb.value} is not accepted here")
-            took = handler(hs)
+            took = await handler(hs)
             self.acceptor.release(hs)  # a listener's own connection: it no longer counts as a handshake
             return took
         if len(self.sessions) >= self.settings.max_sessions:

@@ -34,6 +34,8 @@ class Target:
     on_close: Callable[[SessionInfo], None] | None = None
     #: Bytes for the target before the client's (a listener's activation line): one send.
     greeting: bytes = b""
+    #: Bytes the target already sent, for the client after its OK (a forwarded hop's early bytes).
+    to_client: bytes = b""
 
 
 @dataclass(slots=True)
@@ -107,7 +109,7 @@ class SessionTable:
         """Reply OK, hand ``early`` (the client's pipelined bytes) over, splice client <-> target."""
         info = SessionInfo(next(self._ids), peer, name, target.dialed, time.time())
         try:
-            await send_all(client, _OK)
+            await send_all(client, _OK + target.to_client)
             if target.greeting or early:
                 await send_all(target.sock, target.greeting + early)
         except BaseException:

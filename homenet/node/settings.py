@@ -131,6 +131,17 @@ class Settings:
     #: Relay role: ``host:port`` listeners dial back to (this process's own address when a
     #: load balancer spreads the public one over many relays); empty: the public address.
     advertise: str = _opt("", "relay role: this relay's own public HOST:PORT for dial-backs", metavar="HOST:PORT")
+    #: Fleet: the relays this one peers with (``host:port``; the data port of each).
+    peers: tuple[str, ...] = _opt(
+        (), "fleet: a peer relay HOST:PORT (repeatable, or comma-separated)", metavar="HOST:PORT"
+    )
+    #: Fleet: a DNS name whose addresses are the peers (a Kubernetes headless Service),
+    #: re-resolved every few seconds; ``NAME`` or ``NAME:PORT`` (default: this node's port).
+    peers_dns: str | None = _opt(None, "fleet: peers are the addresses of this DNS name (re-resolved)", metavar="NAME")
+    #: Fleet: the fleet key file (``ID:SECRET``, the same on every relay); no key, no peering.
+    fleet_key_file: str | None = _opt(None, "fleet: the fleet key (ID:SECRET) every relay shares", metavar="FILE")
+    #: Fleet: seconds the listeners of a peer that went away answer 432 moving (then 404).
+    moving_hold: float = _opt(10.0, "fleet: seconds a vanished peer's listeners answer 432 moving (default 10)")
 
     def __post_init__(self) -> None:
         if not 0 <= self.port <= 65535:
@@ -179,11 +190,18 @@ class Settings:
             raise SettingsError("pool_size must be 0-64")
         for name in (
             "handshake_timeout", "dial_timeout", "drain_grace", "rl_backoff_max", "ping_interval", "offline_hold",
-            "penalty_seconds",
+            "penalty_seconds", "moving_hold",
         ):  # fmt: skip
             value = getattr(self, name)
             if not (math.isfinite(value) and value > 0):
                 raise SettingsError(f"{name} must be > 0, got {value}")
+        for peer in self.peers:
+            try:
+                parse_endpoint(peer, self.port or DEFAULT_PORT)
+            except AddressError as exc:
+                raise SettingsError(f"peers {peer!r}: {exc}") from None
+        if (self.peers or self.peers_dns) and not self.fleet_key_file:
+            raise SettingsError("peers need a fleet key: give fleet_key_file (--fleet-key-file) on every relay")
         if self.advertise:
             try:
                 parse_endpoint(self.advertise)

@@ -10,10 +10,13 @@ import pytest
 from homenet.cli.main import _given, _parser
 from homenet.node.settings import CliOption, Settings, cli_options, load_settings
 
-EXAMPLES = {"bind": "127.0.0.1", "rl": "hn://127.0.0.1:7000", "allow": "127.0.0.1/32", "listen_id": "home1",
-            "mdns_interface": "127.0.0.1", "mdns_types": "_ssh._tcp", "log_level": "debug", "log_format": "json",
-            "rl_auth": "open", "connect_auth": "all", "query_auth": "open", "advertise": "198.51.100.1:6969",
-            "tls_ca": "/x/ca.pem", "keys_file": "/x/keys.toml", "state_dir": "/x/state", "name": "n1"}  # fmt: skip
+EXAMPLES = {
+    "bind": "127.0.0.1", "rl": "hn://127.0.0.1:7000", "allow": "127.0.0.1/32", "listen_id": "home1",
+    "mdns_interface": "127.0.0.1", "mdns_types": "_ssh._tcp", "log_level": "debug", "log_format": "json",
+    "rl_auth": "open", "connect_auth": "all", "query_auth": "open", "advertise": "198.51.100.1:6969",
+    "tls_ca": "/x/ca.pem", "peers": "127.0.0.2:7000", "peers_dns": "relays.example", "keys_file": "/x/keys.toml",
+    "state_dir": "/x/state", "name": "n1",
+}  # fmt: skip
 
 
 def test_every_setting_but_the_key_is_a_flag() -> None:
@@ -38,6 +41,8 @@ def test_each_flag_lands_on_its_setting(opt: CliOption) -> None:
         argv, want = [opt.flag, "/x/file.pem"], "/x/file.pem"
     if opt.name in ("tls_cert", "tls_key"):  # they go together
         argv += ["--tls-key" if opt.name == "tls_cert" else "--tls-cert", "/x/other.pem"]
+    if opt.name in ("peers", "peers_dns"):  # peering needs the fleet key
+        argv += ["--fleet-key-file", "/x/fleet.key"]
     args = _parser().parse_args(["node", *argv])
     settings = load_settings(_given(args), env={})
     got = getattr(settings, opt.name)

@@ -459,6 +459,7 @@ def test_stable_code_numbers() -> None:
         "TOO_MANY": 429,
         "HOP_LIMIT": 430,
         "LOOP": 431,
+        "MOVING": 432,
         "INTERNAL": 500,
         "BAD_GATEWAY": 502,
         "UNAVAILABLE": 503,
