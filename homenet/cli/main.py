@@ -21,7 +21,7 @@ from homenet.cli.common import (
 from homenet.node.address import AddressError, Route, parse_endpoint, parse_url
 from homenet.node.auth import Credentials
 from homenet.node.client import Dialing, RouteFailed
-from homenet.node.keys import ROLES, KeyFileError, KeyStore, client_key
+from homenet.node.keys import ROLES, KeyFileError, KeyStore, client_key, new_secret
 from homenet.node.log import configure
 from homenet.node.settings import Settings, SettingsError, cli_options, client_settings, load_settings
 from homenet.node.tls import TLSError, client_context
@@ -152,6 +152,7 @@ def _add_key(sub: Any) -> None:
     ksub.add_parser("list", help="list keys (ids and roles, never secrets)")
     krev = ksub.add_parser("revoke", help="delete a key (running nodes notice within a second)")
     krev.add_argument("id", metavar="ID")
+    ksub.add_parser("fleet", help="print a new fleet key (ID:SECRET) for --fleet-key-file, once")
 
 
 def _given(args: argparse.Namespace, rl_only: bool = False) -> dict[str, Any]:
@@ -283,6 +284,9 @@ def _cmd_publish(args: argparse.Namespace) -> int:
 
 
 def _cmd_key(args: argparse.Namespace) -> int:
+    if args.key_command == "fleet":  # not a key of this node's keys file: the fleet's own
+        print(f"fleet:{new_secret().reveal()}")
+        return EXIT_OK
     try:
         settings = load_settings({"keys_file": args.keys_file, "state_dir": args.state_dir})
         store = KeyStore(settings.keys_path)

@@ -234,7 +234,8 @@ class NodeRuntime:
         await self.control.not_serving()
         node.stop_accepting()
         await self.listeners.close()
-        await self.core.relay.close()  # listeners hear it now and go to another relay
+        # listeners hear it now (jittered) and go to another relay
+        await self.core.relay.close(spread=min(1.0, grace / 4) if self.fleet is not None else 0.0)
         if self.links is not None:
             await self.links.close()
         # unary calls in flight get a short grace; long streams (health watches) must not hold

@@ -224,9 +224,8 @@ class FleetDirectory:
         if view is None or view.state == "self":
             return
         until = self.clock() + self.moving_hold
-        for lid, e in view.entries.items():
-            if e.online:
-                self._moving[lid] = until
+        for lid in view.entries:  # online or held for a reconnecting listener: either way it moves
+            self._moving[lid] = until
         view.entries.clear()
         view.state, view.error = "down", error[:200]
 

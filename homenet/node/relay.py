@@ -13,6 +13,7 @@ import asyncio
 import contextlib
 import hmac
 import logging
+import random
 import time
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
@@ -146,15 +147,23 @@ class Relay:
     def start(self) -> None:
         self._ticker = asyncio.get_running_loop().create_task(self._tick())
 
-    async def close(self) -> None:
+    async def close(self, spread: float = 0.0) -> None:
+        """End every listener's stream (they reconnect, to another relay of a fleet); with
+        ``spread`` the ends are jittered over that many seconds so they do not all come back
+        at once."""
         if self._ticker is not None:
             self._ticker.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._ticker
-        for lst in self.registry.all():
+        listeners = self.registry.all()
+        random.shuffle(listeners)
+        step = spread / len(listeners) if listeners and spread > 0 else 0.0
+        for lst in listeners:
             if lst.session is not None:
-                lst.session.close("relay shutting down")
+                lst.session.close("relay shutting down: reconnect elsewhere")
             self.pool.drop(lst)
+            if step:
+                await asyncio.sleep(step)
 
     # -- registration (called by the control plane) ------------------------------------------
     def register(self, reg: Registration, peer: str, key: Key | None = None) -> tuple[Listener, ListenerSession, str]:

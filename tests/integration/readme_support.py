@@ -116,13 +116,15 @@ _ENV_WORD = re.compile(r"[A-Za-z_][A-Za-z0-9_]*=.*", re.DOTALL)
 
 @dataclass(frozen=True)
 class Command:
-    """A README command line: ``NAME=VALUE... PROGRAM ARGS... [&]  [# comment]``."""
+    """A README command line: ``NAME=VALUE... PROGRAM ARGS... [> FILE] [&]  [# comment]``."""
 
     line: Line
     env: dict[str, str]
     argv: list[str]
     background: bool
     comment: str
+    #: ``> FILE``: where the command's stdout goes.
+    stdout_to: str | None = None
 
 
 def command(line: Line) -> Command | None:
@@ -134,12 +136,16 @@ def command(line: Line) -> Command | None:
     background = argv[-1] == "&"
     if background:
         argv.pop()
+    stdout_to = None
+    if len(argv) >= 2 and argv[-2] == ">":
+        stdout_to = argv.pop()
+        argv.pop()
     env: dict[str, str] = {}
     while argv and _ENV_WORD.fullmatch(argv[0]):
         name, value = argv.pop(0).split("=", 1)
         env[name] = value
     assert argv, f"{line}: environment assignments and no command"
-    return Command(line, env, argv, background, comment)
+    return Command(line, env, argv, background, comment, stdout_to)
 
 
 def proxy_commands(argv: list[str]) -> list[str]:

@@ -209,3 +209,27 @@ async def test_a_partitioned_relay_s_listeners_are_moving_then_back_when_it_heal
 async def _code_is(relay: NodeProc, lid: str, code: int) -> bool:
     reply, _ = await _through(relay, lid, b"probe")
     return reply.code == code
+
+
+async def test_a_draining_relay_keeps_its_sessions_and_hands_its_listeners_over(
+    relays: Fleet, homes: list[NodeProc], tmp_path: Path
+) -> None:
+    f = relays
+    async with echo_server() as echo:
+        await _homes(homes, f, tmp_path, echo.endpoint)
+        await until("every relay knows every listener", lambda: _known_everywhere(f, ["h1", "h2", "h3"]))
+        victim = (await _owners(f))["h1"][0]
+        witness = f.relays[(victim + 1) % 3]
+        async with connected(f.relays[victim].host, f.relays[victim].port) as conn:
+            await conn.send(request("h1") + b"before|")
+            assert (await conn.reply()).code == 200
+            assert await conn.exactly(7) == b"before|"
+            f.relays[victim].proc.send_signal(signal.SIGTERM)
+            # the established session goes on while the relay drains
+            await conn.send(b"during-the-drain")
+            assert await conn.exactly(16) == b"during-the-drain"
+        took = await until("h1 is served by another relay", lambda: _code_is(witness, "h1", 200), timeout=10)
+        assert took < 3.0
+        async with asyncio.timeout(10):
+            assert await f.relays[victim].proc.wait() == 0
+        assert all(len(v) == 1 for v in (await _owners(f)).values())
