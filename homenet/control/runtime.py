@@ -158,7 +158,9 @@ class NodeRuntime:
         core = self.core
         fleet_auth = Authorizer(self.fleet.verifier, core.limiter) if self.fleet is not None else None
         self.control = ControlServer([AuthInterceptor(settings, core.authorizer, core.node.grpc, fleet_auth)])
-        self.control.add_node(core.node, core.relay.registry.online_count)
+        self.control.add_node(
+            core.node, core.relay.registry.online_count, self.fleet.directory.counts if self.fleet else None
+        )
         relay_pb2_grpc.add_RelayServiceServicer_to_server(
             RelayServicer(core.relay, core.node.grpc, settings.name, self.links.kick if self.links else None),
             self.control.server,

@@ -28,16 +28,21 @@ MAX_MESSAGE = 4 * 1024 * 1024
 class NodeServicer(node_pb2_grpc.NodeServiceServicer):
     """NodeService: status and sessions of one node."""
 
-    def __init__(self, node: Node, listeners: Callable[[], int]) -> None:
+    def __init__(
+        self, node: Node, listeners: Callable[[], int], fleet: Callable[[], tuple[int, int, int]] | None = None
+    ) -> None:
         self.node = node
         self.sessions: SessionTable = node.sessions
         self.listeners = listeners
+        #: (peers up, peers, listeners on peers) of this relay's fleet
+        self.fleet = fleet
 
     async def GetStatus(
         self, request: node_pb2.GetStatusRequest, context: grpc.aio.ServicerContext[object, object]
     ) -> node_pb2.NodeStatus:
         n = self.node
         t = self.sessions.totals
+        up, peers, on_peers = self.fleet() if self.fleet is not None else (0, 0, 0)
         return node_pb2.NodeStatus(
             name=n.settings.name,
             version=__version__,
@@ -50,6 +55,9 @@ class NodeServicer(node_pb2_grpc.NodeServiceServicer):
             refused_sessions=t.refused,
             listeners=self.listeners(),
             state=n.state,
+            fleet_peers_up=up,
+            fleet_peers=peers,
+            fleet_listeners=on_peers,
         )
 
     async def ListSessions(
@@ -89,8 +97,10 @@ class ControlServer:
         self.health = HealthServicer()
         self.port = 0
 
-    def add_node(self, node: Node, listeners: Callable[[], int]) -> None:
-        node_pb2_grpc.add_NodeServiceServicer_to_server(NodeServicer(node, listeners), self.server)
+    def add_node(
+        self, node: Node, listeners: Callable[[], int], fleet: Callable[[], tuple[int, int, int]] | None = None
+    ) -> None:
+        node_pb2_grpc.add_NodeServiceServicer_to_server(NodeServicer(node, listeners, fleet), self.server)
 
     async def start(self) -> tuple[str, int]:
         """Register health and reflection, bind 127.0.0.1:0, start; returns the endpoint."""

@@ -266,6 +266,12 @@ class FleetDirectory:
     def by_relay(self, relay_id: str) -> PeerView | None:
         return next((v for v in self.peers.values() if v.relay_id == relay_id and v.state == "up"), None)
 
+    def counts(self) -> tuple[int, int, int]:
+        """(peers up, peers, listeners the peers hold) for operators."""
+        views = [v for v in self.peers.values() if v.state != "self"]
+        up = [v for v in views if v.state == "up"]
+        return len(up), len(views), sum(len(v.entries) for v in up)
+
     def moving_count(self) -> int:
         now = self.clock()
         return sum(1 for until in self._moving.values() if until >= now)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import json
 import signal
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -115,6 +116,15 @@ async def test_every_relay_reaches_every_listener_and_queries_and_kicks_anywhere
         assert "one-service forwarder" in q.stderr, q.stderr
         k = await hnctl("--node", other.endpoint, "--key-file", str(_key(f)), "kick", "h2")
         assert (k.code, k.stdout.strip()) == (0, b"kicked h2"), k.stderr
+        # operators: status counts the peers, peers and listeners --fleet show the whole fleet
+        st = json.loads((await hnctl("--node", other.endpoint, "status", "--json")).stdout)
+        assert (st["fleet_peers_up"], st["fleet_peers"]) == (2, 2), st
+        peers = json.loads(
+            (await hnctl("--node", other.endpoint, "--key-file", str(_key(f)), "peers", "--json")).stdout
+        )
+        assert sorted(p["state"] for p in peers["peers"]) == ["up", "up"], peers
+        everywhere = await hnctl("--node", other.endpoint, "--key-file", str(_key(f)), "listeners", "--fleet", "--json")
+        assert {x["listen_id"] for x in json.loads(everywhere.stdout)} >= {"h1", "h3"}, everywhere.stdout
 
 
 def _key(f: Fleet) -> Path:

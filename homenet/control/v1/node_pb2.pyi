@@ -53,6 +53,9 @@ class NodeStatus(_message.Message):
     REFUSED_SESSIONS_FIELD_NUMBER: _builtins.int
     LISTENERS_FIELD_NUMBER: _builtins.int
     STATE_FIELD_NUMBER: _builtins.int
+    FLEET_PEERS_UP_FIELD_NUMBER: _builtins.int
+    FLEET_PEERS_FIELD_NUMBER: _builtins.int
+    FLEET_LISTENERS_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     version: _builtins.str
     uptime_seconds: _builtins.float
@@ -70,6 +73,10 @@ class NodeStatus(_message.Message):
     listeners: _builtins.int
     state: _builtins.str
     """"serving" or "draining"."""
+    fleet_peers_up: _builtins.int
+    """Fleet: peers whose watch is up, and the listeners they hold (0 without a fleet key)."""
+    fleet_peers: _builtins.int
+    fleet_listeners: _builtins.int
     def __init__(
         self,
         *,
@@ -84,10 +91,13 @@ class NodeStatus(_message.Message):
         refused_sessions: _builtins.int = ...,
         listeners: _builtins.int = ...,
         state: _builtins.str = ...,
+        fleet_peers_up: _builtins.int = ...,
+        fleet_peers: _builtins.int = ...,
+        fleet_listeners: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["active_sessions", b"active_sessions", "address", b"address", "bytes_down", b"bytes_down", "bytes_up", b"bytes_up", "listeners", b"listeners", "name", b"name", "refused_sessions", b"refused_sessions", "state", b"state", "total_sessions", b"total_sessions", "uptime_seconds", b"uptime_seconds", "version", b"version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["active_sessions", b"active_sessions", "address", b"address", "bytes_down", b"bytes_down", "bytes_up", b"bytes_up", "fleet_listeners", b"fleet_listeners", "fleet_peers", b"fleet_peers", "fleet_peers_up", b"fleet_peers_up", "listeners", b"listeners", "name", b"name", "refused_sessions", b"refused_sessions", "state", b"state", "total_sessions", b"total_sessions", "uptime_seconds", b"uptime_seconds", "version", b"version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
