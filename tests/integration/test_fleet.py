@@ -18,6 +18,7 @@ import pytest
 from tests.conftest import StartNode
 from tests.helpers import NodeProc, echo_server, spawn
 from tests.integration.fleet_support import Fleet, fleet, listener_records, local_listeners, peers_of, until
+from tests.integration.rl_support import settled_fds, wait_fds_back
 from tests.integration.support import Reply, connected, hnctl, request
 from tests.integration.support import parse_reply as _parse
 
@@ -102,11 +103,14 @@ async def test_every_relay_reaches_every_listener_and_queries_and_kicks_anywhere
         assert all(len(v) == 1 for v in owners.values()), owners  # one owner each
         assert len({v[0] for v in owners.values()}) > 1, f"the front put every listener on one relay: {owners}"
         await until("every relay knows every listener", lambda: _known_everywhere(f, ["h1", "h2", "h3"]))
+        baseline = [await settled_fds(r.proc.pid) for r in f.relays]
         for lid in ("h1", "h2", "h3"):
             for i, relay in enumerate(f.relays):
                 payload = f"{lid} via relay {i}".encode()
                 reply, rest = await _through(relay, lid, payload)
                 assert (reply.code, rest) == (200, payload), (lid, i, reply)
+        for r, fds in zip(f.relays, baseline, strict=True):  # forwarded hops leave nothing behind
+            await wait_fds_back(r.proc.pid, fds, "after 9 sessions across the fleet")
         # a query and a kick asked of a relay that does not hold the listener
         owner = owners["h2"][0]
         other = f.relays[(owner + 1) % 3]
