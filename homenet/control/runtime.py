@@ -212,6 +212,8 @@ class NodeRuntime:
         self.listeners.acquire()  # before anything listens: a second process with our identity stops here
         core.node.grpc.endpoint = await self.control.start()
         try:
+            if self.settings.health_port:
+                await self.control.serve_health(self.settings.health_bind, self.settings.health_port)
             await core.node.start()
             if core.discovery is not None:
                 await core.discovery.start()
@@ -259,6 +261,7 @@ class NodeRuntime:
         await core.relay.close()
         await core.node.close()
         await self.control.stop(0)
+        await self.control.stop_health()
 
 
 def _fleet(settings: Settings, node_id: str) -> tuple[Fleet | None, PeerLinks | None]:

@@ -96,6 +96,8 @@ class ControlServer:
         )
         self.health = HealthServicer()
         self.port = 0
+        #: The plaintext health-only server (for probes when the one port speaks TLS).
+        self._health_server: grpc.aio.Server | None = None
 
     def add_node(
         self, node: Node, listeners: Callable[[], int], fleet: Callable[[], tuple[int, int, int]] | None = None
@@ -113,9 +115,29 @@ class ControlServer:
             await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
         return ("127.0.0.1", self.port)
 
+    async def serve_health(self, bind: str, port: int) -> int:
+        """Also answer ``grpc.health.v1`` (and nothing else) in plaintext on ``bind:port``, from the
+        same health state: a probe's port when the one port speaks TLS. Returns the port."""
+        server = grpc.aio.server(options=[("grpc.so_reuseport", 0), ("grpc.max_concurrent_streams", 16)])
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
+        host = f"[{bind}]" if ":" in bind else bind
+        bound = server.add_insecure_port(f"{host}:{port}")
+        if not bound:
+            raise OSError(f"cannot listen on {bind}:{port} for health")
+        await server.start()
+        self._health_server = server
+        return bound
+
     async def not_serving(self) -> None:
         """Tell health watchers the node is going away (first step of shutdown)."""
         await self.health.enter_graceful_shutdown()
 
     async def stop(self, grace: float) -> None:
+        """Stop the control server (calls in flight get ``grace`` seconds); the health port stays
+        up, saying NOT_SERVING, until :meth:`stop_health` (probes must see the drain to its end)."""
         await self.server.stop(grace)
+
+    async def stop_health(self) -> None:
+        if self._health_server is not None:
+            await self._health_server.stop(0)
+            self._health_server = None

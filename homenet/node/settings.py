@@ -131,6 +131,10 @@ class Settings:
     #: Relay role: ``host:port`` listeners dial back to (this process's own address when a
     #: load balancer spreads the public one over many relays); empty: the public address.
     advertise: str = _opt("", "relay role: this relay's own public HOST:PORT for dial-backs", metavar="HOST:PORT")
+    #: A plaintext gRPC health port (``grpc.health.v1`` only) for probes when the port speaks
+    #: TLS; bound to ``health_bind`` (in Kubernetes: the pod IP). 0: none.
+    health_port: int = _opt(0, "a plaintext gRPC health-only port for probes (0: none)")
+    health_bind: str = _opt("127.0.0.1", "address of --health-port (default 127.0.0.1)", metavar="ADDR")
     #: Fleet: the relays this one peers with (``host:port``; the data port of each).
     peers: tuple[str, ...] = _opt(
         (), "fleet: a peer relay HOST:PORT (repeatable, or comma-separated)", metavar="HOST:PORT"
@@ -144,12 +148,17 @@ class Settings:
     moving_hold: float = _opt(10.0, "fleet: seconds a vanished peer's listeners answer 432 moving (default 10)")
 
     def __post_init__(self) -> None:
-        if not 0 <= self.port <= 65535:
-            raise SettingsError(f"port {self.port} out of range 0-65535")
+        for name in ("port", "health_port"):
+            if not 0 <= getattr(self, name) <= 65535:
+                raise SettingsError(f"{name} {getattr(self, name)} out of range 0-65535")
         try:
             parse_endpoint(f"[{self.bind}]:1" if ":" in self.bind else f"{self.bind}:1")
         except AddressError:
             raise SettingsError(f"bind {self.bind!r} is not an IP address or hostname") from None
+        try:
+            parse_endpoint(f"[{self.health_bind}]:1" if ":" in self.health_bind else f"{self.health_bind}:1")
+        except AddressError:
+            raise SettingsError(f"health_bind {self.health_bind!r} is not an IP address or hostname") from None
         for url in self.rl:
             try:
                 parse_url(url)
