@@ -409,6 +409,7 @@ async def coordinator(a: argparse.Namespace) -> dict:
     counts = [len(range(i, big_l, n)) for i in range(n)]  # round-robin
     for h in relays.hosts:  # the port must be free on every address
         with socket.socket() as s:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # TIME_WAIT of a previous run is fine
             try:
                 s.bind((h, a.port))
             except OSError as e:
