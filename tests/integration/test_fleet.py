@@ -62,6 +62,13 @@ async def _homes(procs: list[NodeProc], f: Fleet, tmp: Path, echo: str, n: int =
         await until(f"h{i}'s warm connection is parked", functools.partial(_parked, f, f"h{i}"))
 
 
+async def _settled(procs: list[NodeProc], f: Fleet, tmp: Path, echo: str) -> dict[str, list[int]]:
+    """h1..h3 registered (see :func:`_homes`) and known to every relay; who owns which."""
+    await _homes(procs, f, tmp, echo)
+    await until("every relay knows every listener", lambda: _known_everywhere(f, ["h1", "h2", "h3"]))
+    return await _owners(f)
+
+
 async def _parked(f: Fleet, lid: str) -> bool:
     for r in f.relays:
         if r.proc.returncode is None:
@@ -157,9 +164,7 @@ async def test_a_relay_killed_its_listeners_come_back_on_another_relay_within_3s
 ) -> None:
     f = relays
     async with echo_server() as echo:
-        await _homes(homes, f, tmp_path, echo.endpoint)
-        await until("every relay knows every listener", lambda: _known_everywhere(f, ["h1", "h2", "h3"]))
-        owners = await _owners(f)
+        owners = await _settled(homes, f, tmp_path, echo.endpoint)
         victim = owners["h1"][0]
         witness = f.relays[(victim + 1) % 3]
         moved = [lid for lid, v in owners.items() if v[0] == victim]
@@ -201,9 +206,7 @@ async def test_a_partitioned_relay_s_listeners_are_moving_then_back_when_it_heal
 ) -> None:
     f = relays
     async with echo_server() as echo:
-        await _homes(homes, f, tmp_path, echo.endpoint)
-        await until("every relay knows every listener", lambda: _known_everywhere(f, ["h1", "h2", "h3"]))
-        owners = await _owners(f)
+        owners = await _settled(homes, f, tmp_path, echo.endpoint)
         island = owners["h1"][0]
         mainland = f.relays[(island + 1) % 3]
         f.partition(island)
@@ -230,9 +233,7 @@ async def test_a_draining_relay_keeps_its_sessions_and_hands_its_listeners_over(
 ) -> None:
     f = relays
     async with echo_server() as echo:
-        await _homes(homes, f, tmp_path, echo.endpoint)
-        await until("every relay knows every listener", lambda: _known_everywhere(f, ["h1", "h2", "h3"]))
-        victim = (await _owners(f))["h1"][0]
+        victim = (await _settled(homes, f, tmp_path, echo.endpoint))["h1"][0]
         witness = f.relays[(victim + 1) % 3]
         async with connected(f.relays[victim].host, f.relays[victim].port) as conn:
             await conn.send(request("h1") + b"before|")
@@ -256,8 +257,7 @@ async def test_a_rolling_restart_loses_no_session_that_ends_in_time_and_no_liste
     deadline), restart; every listener is reachable through every live relay within 3 s."""
     f = relays
     async with echo_server() as echo:
-        await _homes(homes, f, tmp_path, echo.endpoint)
-        await until("every relay knows every listener", lambda: _known_everywhere(f, ["h1", "h2", "h3"]))
+        await _settled(homes, f, tmp_path, echo.endpoint)
         for i in range(len(f.relays)):
             relay = f.relays[i]
             lid = next(iter((await local_listeners(relay, f.admin)).keys()), "h1")
