@@ -161,7 +161,10 @@ class PeerLinks:
     def _channel(self, target: Endpoint) -> grpc.aio.Channel:
         s = self.settings
         tls = bool(s.tls_cert)  # a fleet speaks one way: TLS when this relay serves TLS
-        return open_channel(str(target), tls, s.tls_ca, cert=s.tls_cert, key=s.tls_key, options=_OPTIONS)
+        options: list[tuple[str, Any]] = list(_OPTIONS)
+        if tls and s.peer_tls_name:  # one certificate for every relay: verify peers by its name
+            options.append(("grpc.ssl_target_name_override", s.peer_tls_name))
+        return open_channel(str(target), tls, s.tls_ca, cert=s.tls_cert, key=s.tls_key, options=options)
 
     def _meta(self, method: str) -> tuple[tuple[str, str], ...]:
         return call_metadata(self.key.creds, _SERVICE + method)

@@ -30,6 +30,7 @@ from homenet.node.keys import ensure_first_key, parse_key_ref
 from homenet.node.log import fields
 from homenet.node.remote import FixedTarget
 from homenet.node.settings import Settings
+from homenet.node.tls import client_context
 
 log = logging.getLogger("homenet.app")
 
@@ -271,7 +272,9 @@ def _fleet(settings: Settings, node_id: str) -> tuple[Fleet | None, PeerLinks | 
     key = FleetKey.load(settings.fleet_key_file)
     directory = FleetDirectory(node_id, settings.moving_hold)
     links = PeerLinks(settings, key, node_id, directory)
-    return Fleet(key, node_id, directory, LocalFeed(), settings.dial_timeout, links.ask), links
+    tls = client_context(settings.tls_ca, settings.tls_cert, settings.tls_key) if settings.tls_cert else None
+    fleet = Fleet(key, node_id, directory, LocalFeed(), settings.dial_timeout, links.ask, tls, settings.peer_tls_name)
+    return fleet, links
 
 
 async def run_node(

@@ -20,6 +20,7 @@ import hashlib
 import hmac
 import ipaddress
 import socket
+import ssl
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -35,6 +36,7 @@ from homenet.node.keys import Key, Secret, key_from_file
 from homenet.node.preamble import ProtocolError, ReplyParser, Verb, encode_request
 from homenet.node.sessions import Target
 from homenet.node.splice import Splices
+from homenet.node.tls import TLSError, connect_tls
 
 #: The request field that marks a hop forwarded by a peer (its value: the forwarder's id).
 FWD = "fwd"
@@ -292,6 +294,8 @@ class Fleet:
         feed: LocalFeed,
         dial_timeout: float = 5.0,
         ask: AskPeers | None = None,
+        tls: ssl.SSLContext | None = None,
+        tls_name: str | None = None,
     ) -> None:
         self.key = key
         self.relay_id = relay_id
@@ -303,6 +307,9 @@ class Fleet:
         self.ask = ask
         self.verifier = Verifier(key)
         self.splices = Splices()
+        #: Peers speak TLS when this relay does (one fleet, one way); verified as ``tls_name``.
+        self.tls = tls
+        self.tls_name = tls_name
 
     # -- forwarded requests: the owner's side ---------------------------------------------------
     @staticmethod
@@ -389,7 +396,12 @@ class Fleet:
         except (OSError, TimeoutError) as exc:
             reason = "timed out" if isinstance(exc, TimeoutError) else describe_os_error(exc)
             raise RouteError(Code.BAD_GATEWAY, f"cannot reach the fleet peer {target}: {reason}") from None
-        return sock
+        if self.tls is None:
+            return sock
+        try:
+            return await connect_tls(sock, self.tls, self.tls_name or target.host, self.dial_timeout)
+        except TLSError as exc:
+            raise RouteError(Code.BAD_GATEWAY, f"fleet peer {target}: {exc}") from None
 
     def close(self) -> None:
         self.splices.abort_all("relay closing")

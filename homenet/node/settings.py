@@ -144,6 +144,9 @@ class Settings:
     peers_dns: str | None = _opt(None, "fleet: peers are the addresses of this DNS name (re-resolved)", metavar="NAME")
     #: Fleet: the fleet key file (``ID:SECRET``, the same on every relay); no key, no peering.
     fleet_key_file: str | None = _opt(None, "fleet: the fleet key (ID:SECRET) every relay shares", metavar="FILE")
+    #: Fleet over TLS: the name peers' certificates carry (pods' addresses change; one
+    #: certificate, e.g. for the public name, serves every relay). Default: the peer's address.
+    peer_tls_name: str | None = _opt(None, "fleet over TLS: the name to verify peers' certificates as", metavar="NAME")
     #: Fleet: seconds the listeners of a peer that went away answer 432 moving (then 404).
     moving_hold: float = _opt(10.0, "fleet: seconds a vanished peer's listeners answer 432 moving (default 10)")
 
@@ -295,6 +298,12 @@ def client_settings(env: Mapping[str, str] | None = None) -> ClientSettings:
     )
 
 
+def _service_link(name: str, value: str) -> bool:
+    """Kubernetes sets ``HOMENET_PORT=tcp://10.0.0.7:6969`` for a Service named ``homenet``:
+    a service link, not a setting (``VAR=`` means unset, as in a shell, too)."""
+    return name == "port" and value.startswith(("tcp://", "udp://", "sctp://"))
+
+
 def _to_bool(text: str) -> bool:
     low = text.strip().lower()
     if low in ("1", "true", "yes", "on"):
@@ -377,7 +386,7 @@ def load_settings(
             sources[name] = f"config {path}"
     for name, f in by_name.items():
         var = f"HOMENET_{name.upper()}"
-        if var in env and not (env[var] == "" and f.default is None):  # VAR= means unset, as in a shell
+        if var in env and not (env[var] == "" and f.default is None) and not _service_link(name, env[var]):
             values[name] = _coerce(f, env[var], var)
             sources[name] = var
     for name, value in (flags or {}).items():

@@ -8,12 +8,19 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import datetime
+import ipaddress
 import itertools
 import secrets
 import socket
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from homenet.control.auth import call_metadata
 from homenet.control.v1 import fleet_pb2, fleet_pb2_grpc, relay_pb2, relay_pb2_grpc
@@ -163,18 +170,20 @@ class Fleet:
                 link.heal()
 
 
-def fleet_args(host: str, port: int, key_file: Path, peers: list[str], state: Path) -> list[str]:
+def fleet_args(
+    host: str, port: int, key_file: Path, peers: list[str], state: Path, extra: tuple[str, ...] = ()
+) -> list[str]:
     """``homenet node`` args of one relay of a test fleet (fast pings, a short moving hold)."""
     return [
         "node", "--bind", host, "--port", str(port), "--no-mdns", "--log-level", "debug",
         "--fleet-key-file", str(key_file), "--state-dir", str(state), "--moving-hold", "4",
         "--keys-file", str(state.parent / "keys.toml"), "--ping-interval", "0.5", "--drain-grace", "1",
-        *[a for p in peers for a in ("--peers", p)],
+        *[a for p in peers for a in ("--peers", p)], *extra,
     ]  # fmt: skip
 
 
 @contextlib.asynccontextmanager
-async def fleet(start: Start, tmp: Path, n: int = 3) -> AsyncIterator[Fleet]:
+async def fleet(start: Start, tmp: Path, n: int = 3, extra: tuple[str, ...] = ()) -> AsyncIterator[Fleet]:
     """``n`` relays on 127.0.0.21.. with a fleet key, each watching every other through a
     link of its own, behind a round-robin front; keys: an admin key and a listen key home1..9."""
     hosts = [f"127.0.0.{21 + i}" for i in range(n)]
@@ -194,7 +203,7 @@ async def fleet(start: Start, tmp: Path, n: int = 3) -> AsyncIterator[Fleet]:
         relays, args = [], []
         for i in range(n):
             peers = [links[(i, j)].endpoint for j in range(n) if j != i]
-            args.append(fleet_args(hosts[i], port, key_file, peers, tmp / f"relay{i}"))
+            args.append(fleet_args(hosts[i], port, key_file, peers, tmp / f"relay{i}", extra))
             relays.append(await start(args=args[-1]))
         front = await stack.enter_async_context(proxy([(h, port) for h in hosts]))
         yield Fleet(
@@ -237,3 +246,34 @@ async def until(what: str, check: Callable[[], Awaitable[bool]], timeout: float 
             raise AssertionError(f"{what}: not within {timeout:g}s")
         await asyncio.sleep(0.05)
     return loop.time() - t0
+
+
+def tls_files(tmp: Path, name: str, ips: list[str]) -> tuple[Path, Path, Path]:
+    """A throwaway CA and one server certificate for ``name`` and ``ips``: (ca, cert, key)."""
+    ca_key = ec.generate_private_key(ec.SECP256R1())
+    now = datetime.datetime.now(datetime.UTC)
+    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "HomeNet fleet test CA")])
+    ca = (
+        x509.CertificateBuilder().subject_name(ca_name).issuer_name(ca_name).public_key(ca_key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5)).not_valid_after(now + datetime.timedelta(hours=1))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .sign(ca_key, hashes.SHA256())
+    )  # fmt: skip
+    key = ec.generate_private_key(ec.SECP256R1())
+    sans: list[x509.GeneralName] = [x509.DNSName(name), *(x509.IPAddress(ipaddress.ip_address(ip)) for ip in ips)]
+    cert = (
+        x509.CertificateBuilder().subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)]))
+        .issuer_name(ca_name).public_key(key.public_key()).serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5)).not_valid_after(now + datetime.timedelta(hours=1))
+        .add_extension(x509.SubjectAlternativeName(sans), critical=False)
+        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
+        .sign(ca_key, hashes.SHA256())
+    )  # fmt: skip
+    paths = tmp / "ca.pem", tmp / "relay.pem", tmp / "relay.key"
+    paths[0].write_bytes(ca.public_bytes(serialization.Encoding.PEM))
+    paths[1].write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    paths[2].write_bytes(
+        key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+    )
+    return paths

@@ -10,16 +10,25 @@ import asyncio
 import functools
 import json
 import signal
+import ssl
 from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
 
 from tests.conftest import StartNode
-from tests.helpers import NodeProc, echo_server, spawn
-from tests.integration.fleet_support import Fleet, fleet, listener_records, local_listeners, peers_of, until
+from tests.helpers import NodeProc, echo_server, proc_env, spawn
+from tests.integration.fleet_support import (
+    Fleet,
+    fleet,
+    listener_records,
+    local_listeners,
+    peers_of,
+    tls_files,
+    until,
+)
 from tests.integration.rl_support import settled_fds, wait_fds_back
-from tests.integration.support import Reply, connected, hnctl, request
+from tests.integration.support import OK_REPLY, Reply, connected, hnctl, request
 from tests.integration.support import parse_reply as _parse
 
 pytestmark = pytest.mark.slow
@@ -280,3 +289,35 @@ async def test_a_rolling_restart_loses_no_session_that_ends_in_time_and_no_liste
             await f.restart(i)
             await until("the restarted relay is a peer again", lambda: _all_up(f))
         assert all(len(v) == 1 for v in (await _owners(f)).values())
+
+
+async def test_a_tls_fleet_peers_and_forwards_by_one_certificate_name(start_node: StartNode, tmp_path: Path) -> None:
+    """TLS on every relay, one certificate for the fleet's name (not for the addresses the
+    relays reach each other at): peers verify each other by that name, watches and forwarded
+    hops both speak TLS, and a client at any relay reaches a listener on another."""
+    hosts = [f"127.0.0.{21 + i}" for i in range(3)]
+    ca, cert, key = tls_files(tmp_path, "relay.test", hosts)
+    tls = ("--tls-cert", str(cert), "--tls-key", str(key), "--tls-ca", str(ca), "--peer-tls-name", "relay.test")
+    async with fleet(start_node, tmp_path, extra=tls) as f, echo_server() as echo:
+        home_env = {**proc_env(tmp_path), "HOMENET_TLS_CA": str(ca)}
+        args = ["rl", f"hns://{f.relays[0].endpoint}", "--to", echo.endpoint, "--listen-id", "t1",
+                "--state-dir", str(tmp_path / "t1"), "--pool-size", "0"]  # fmt: skip
+        home = await spawn(args, tmp_path / "home", ready="LISTENING ", env=home_env)
+        try:
+            for relay in f.relays:
+
+                async def reached(relay: NodeProc = relay) -> bool:
+                    # a TLS client that stops at the echo (over TLS a half-close does not reach the target)
+                    ctx = ssl.create_default_context(cafile=str(ca))
+                    reader, writer = await asyncio.open_connection(relay.host, relay.port, ssl=ctx)
+                    try:
+                        writer.write(request("t1") + b"tls")
+                        async with asyncio.timeout(5):
+                            line = await reader.readline()
+                            return line == OK_REPLY and await reader.readexactly(3) == b"tls"
+                    finally:
+                        writer.close()
+
+                await until(f"t1 through {relay.endpoint} over TLS", reached)
+        finally:
+            await home.stop()

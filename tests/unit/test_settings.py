@@ -344,3 +344,9 @@ def test_non_finite_floats_are_refused(var: str, value: str) -> None:
 def test_an_empty_variable_of_an_optional_setting_means_unset() -> None:
     s = load_settings(env={"HOMENET_KEY": "", "HOMENET_TLS_CA": ""})
     assert (s.key, s.tls_ca) == (None, None)
+
+
+def test_a_kubernetes_service_link_is_not_the_port() -> None:
+    s = load_settings(env={"HOMENET_PORT": "tcp://10.96.0.7:6969", "HOMENET_SERVICE_PORT": "6969"})
+    assert s.port == 6969
+    assert load_settings(env={"HOMENET_PORT": "7000"}).port == 7000
