@@ -114,11 +114,12 @@ class Holder:
     async def _listener(self, r: int, j: int, registered: asyncio.Queue) -> None:
         lst = self.listeners[r][j]
         ch = self.channels[r][j // STREAMS_PER_CHANNEL]
-        call = self.pb_grpc.RelayServiceStub(ch).Listen()
         pb = self.pb
         ok = False
+        call = None
         try:
-            async with self.sem:
+            async with self.sem:  # the stream opens here: a relay ends one silent for 10 s before register
+                call = self.pb_grpc.RelayServiceStub(ch).Listen()
                 reg = pb.Register(
                     listen_id=lst[0], resume_secret=lst[1], name="fleet_scale", version="bench", pool_size=0,
                     node_id=self.node_id,
@@ -137,7 +138,8 @@ class Holder:
                     await call.write(pb.ListenerMessage(pong=pb.Pong(seq=msg.ping.seq)))
                     self.pongs += 1
         except asyncio.CancelledError:
-            call.cancel()
+            if call is not None:
+                call.cancel()
             raise
         except Exception as e:  # a benchmark counts every kind
             if not ok:
@@ -472,11 +474,13 @@ async def coordinator(a: argparse.Namespace) -> dict:
         hold_rss0 = memstat.measure([holder.pid])["rss_kib"]
         out(f"registering {big_l} listeners ({counts[0]} per relay, {math.ceil(counts[0] / STREAMS_PER_CHANNEL)} "
             f"channel(s) per relay, {a.inflight} in flight)")  # fmt: skip
+        cr0 = [cpu_s(p) for p in pids] + [cpu_s(holder.pid)]
         reg_task = asyncio.ensure_future(ask("register"))
         first, views = await wait_until(
             poller, lambda i, v: converged(v, relays.addrs[i], relays.addrs, big_l - counts[i]), a.timeout, a.poll
         )
         ev = await reg_task
+        cr1 = [cpu_s(p) for p in pids] + [cpu_s(holder.pid)]
         t0r = ev["t0"]
         res["register"] = {
             "registered": ev["registered"], "failed": ev["failed"], "errors": ev["errors"],
@@ -485,6 +489,9 @@ async def coordinator(a: argparse.Namespace) -> dict:
             "converged_relays": len(first),
             "per_relay_converged_s": [round(first[i] - t0r, 2) if i in first else None for i in range(n)],
             "per_s": round(ev["registered"] / max(1e-9, ev["t1"] - t0r), 0),
+            # CPU seconds from the first register until every relay converged
+            "relay_cpu_s": [round(y - x, 2) for x, y in zip(cr0[:n], cr1[:n], strict=True)],
+            "holder_cpu_s": round(cr1[n] - cr0[n], 2),
         }  # fmt: skip
         out(f"registered {ev['registered']} (failed {ev['failed']}) in {res['register']['register_s']} s; "
             f"every relay converged {res['register']['converged_s']} s after the first register")  # fmt: skip
@@ -548,12 +555,14 @@ async def coordinator(a: argparse.Namespace) -> dict:
         rss_k_dir = rss([pids[k]])[0]
         st = await ask("status")
         lost_k = st["lost"][k]
+        ck0 = [cpu_s(p) for p in pids] + [cpu_s(holder.pid)]
         reg_task = asyncio.ensure_future(ask(f"register {k}"))
         await asyncio.sleep(0)
         first, _ = await wait_until(
             poller, lambda i, v: converged(v, relays.addrs[i], relays.addrs, big_l - counts[i]), a.timeout, a.poll
         )
         ev = await reg_task
+        ck1 = [cpu_s(p) for p in pids] + [cpu_s(holder.pid)]
         await asyncio.sleep(max(2.0, a.settle / 2))
         rss_k_full = rss([pids[k]])[0]
         st2 = await ask("status")
@@ -573,6 +582,8 @@ async def coordinator(a: argparse.Namespace) -> dict:
             "all_see_them_since_kill_s": rel(max(first.values()) if len(first) == n else None, t_kill),
             "converged_relays": len(first),
             "live_after": st2["live"], "lost_after": st2["lost"],
+            "reregister_cpu_s": {"relay_k": round(ck1[k] - ck0[k], 2), "holder": round(ck1[n] - ck0[n], 2),
+                                 "other_relays": round(sum(ck1[i] - ck0[i] for i in others), 2)},
         }  # fmt: skip
         dir_entries = big_l - counts[k]
         res["memory"].update({
@@ -619,6 +630,8 @@ def summary(r: dict) -> str:
         f"| register {r['listeners']} listeners (first register -> last registered) | {reg['register_s']} s "
         f"({reg['per_s']:.0f}/s; failed {reg['failed']}) |",
         f"| ... every relay's Peers shows all of them (first register -> converged) | {reg['converged_s']} s |",
+        f"| CPU meanwhile: relays (sum) / listener process | {sum(reg['relay_cpu_s']):.1f} s / "
+        f"{reg['holder_cpu_s']} s |",
         f"| steady state ({st['settle_s']} s): relay CPU median [min-max] | "
         f"{statistics.median(st['relay_cpu_pct'])}% [{min(st['relay_cpu_pct'])}-{max(st['relay_cpu_pct'])}] |",
         f"| steady state: the listener process's CPU (pongs to {r['listeners']} streams) | {st['holder_cpu_pct']}% |",
@@ -630,6 +643,9 @@ def summary(r: dict) -> str:
         f"| its {rk['its_listeners']} listeners re-registered at it (fresh streams) | {rk['reregister_s']} s "
         f"(failed {rk['failed']}) |",
         f"| ... every relay sees them again (first re-register -> converged) | {rk['all_see_them_s']} s |",
+        f"| CPU meanwhile: relay{rk['relay']} / the other relays (sum) / listener process | "
+        f"{rk['reregister_cpu_s']['relay_k']} s / {rk['reregister_cpu_s']['other_relays']} s / "
+        f"{rk['reregister_cpu_s']['holder']} s |",
         f"| relay RSS before / after listeners, median | {m['relay_rss_before_mib_median']} / "
         f"{m['relay_rss_after_mib_median']} MiB |",
         f"| sum of relay RSS increases / L (fleet bytes per listener) | {m['fleet_bytes_per_listener']} B |",

@@ -130,7 +130,7 @@ class FleetServicer(fleet_pb2_grpc.FleetServiceServicer):
         peers = []
         for v in sorted(d.peers.values(), key=lambda v: str(v.target)):
             peer = fleet_pb2.Peer(
-                target=str(v.target), relay_id=v.relay_id, epoch=v.epoch, state=v.state, name=v.name,
+                target=str(v.target), relay_id=v.relay_id, epoch=v.epoch, state=v.state, name=v.name, address=v.address,
                 listeners=len(v.entries), last_seen_seconds=round(now - v.last_seen, 3) if v.last_seen else 0.0,
                 forwarded=v.forwarded, error=v.error,
             )  # fmt: skip
@@ -236,7 +236,7 @@ class PeerLinks:
     def _apply(self, target: Endpoint, event: fleet_pb2.DirectoryEvent) -> None:
         d = self.directory
         r = event.relay
-        if not d.up(target, r.relay_id, r.epoch, r.name[:64]):
+        if not d.up(target, r.relay_id, r.epoch, r.name[:64], r.address[:300]):
             return
         kind = event.WhichOneof("event")
         if kind == "snapshot":

@@ -148,6 +148,8 @@ class PeerView:
     relay_id: str = ""
     epoch: int = 0
     name: str = ""
+    #: The data-plane address it says it has (informational: hops go to ``target``).
+    address: str = ""
     #: connecting, up, self, down
     state: str = "connecting"
     entries: dict[str, Entry] = field(default_factory=dict)
@@ -189,7 +191,7 @@ class FleetDirectory:
             self.down(target, "no longer a peer")
             del self.peers[target]
 
-    def up(self, target: Endpoint, relay_id: str, epoch: int, name: str) -> bool:
+    def up(self, target: Endpoint, relay_id: str, epoch: int, name: str, address: str = "") -> bool:
         """The watch of ``target`` says who it is; False when it is this relay itself."""
         view = self.target(target)
         if relay_id == self.self_id:
@@ -198,6 +200,7 @@ class FleetDirectory:
         if view.epoch and epoch != view.epoch:  # it restarted: what it had is gone
             view.entries.clear()
         view.relay_id, view.epoch, view.name, view.state, view.error = relay_id, epoch, name, "up", ""
+        view.address = address
         view.last_seen = self.clock()
         return True
 

@@ -143,6 +143,7 @@ async def test_every_relay_reaches_every_listener_and_queries_and_kicks_anywhere
             (await hnctl("--node", other.endpoint, "--key-file", str(_key(f)), "peers", "--json")).stdout
         )
         assert sorted(p["state"] for p in peers["peers"]) == ["up", "up"], peers
+        assert all(p["address"].startswith("127.0.0.2") for p in peers["peers"]), peers
         everywhere = await hnctl("--node", other.endpoint, "--key-file", str(_key(f)), "listeners", "--fleet", "--json")
         assert {x["listen_id"] for x in json.loads(everywhere.stdout)} >= {"h1", "h3"}, everywhere.stdout
 
