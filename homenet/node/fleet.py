@@ -22,6 +22,7 @@ import ipaddress
 import socket
 import ssl
 import time
+from collections import OrderedDict
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -282,6 +283,10 @@ class FleetDirectory:
         return sum(1 for until in self._moving.values() if until >= now)
 
 
+#: Seconds a listenId no peer had is not asked about again (a registration reaches the
+#: directories within a heartbeat anyway), and how many such misses are remembered.
+MISS_TTL = 1.0
+MAX_MISSES = 10_000
 #: Asks every peer at once who owns a listenId (a directory miss); None if nobody does.
 AskPeers = Callable[[str], Awaitable[Owner | None]]
 
@@ -310,6 +315,9 @@ class Fleet:
         self.ask = ask
         self.verifier = Verifier(key)
         self.splices = Splices()
+        #: listenIds no peer had, until when (bounded); asks in flight, shared by their askers.
+        self._misses: OrderedDict[str, float] = OrderedDict()
+        self._asking: dict[str, asyncio.Future[Owner | None]] = {}
         #: Peers speak TLS when this relay does (one fleet, one way); verified as ``tls_name``.
         self.tls = tls
         self.tls_name = tls_name
@@ -333,7 +341,26 @@ class Fleet:
                 Code.MOVING, f"listener {hop} is moving to another relay (its relay went away); retry in a moment"
             )
         if owner is None and self.ask is not None:
-            owner = await self.ask(hop.value)
+            owner = await self._ask(hop.value)
+        return owner
+
+    async def _ask(self, listen_id: str) -> Owner | None:
+        """Ask the peers, at most once per listenId at a time and once per ``MISS_TTL`` for one
+        nobody had: a flood of made-up listenIds must not fan out to every peer each time."""
+        assert self.ask is not None
+        now = self.directory.clock()
+        if self._misses.get(listen_id, 0.0) > now:
+            return None
+        pending = self._asking.get(listen_id)
+        if pending is None:
+            pending = self._asking[listen_id] = asyncio.ensure_future(self.ask(listen_id))
+            pending.add_done_callback(lambda _: self._asking.pop(listen_id, None))
+        owner = await asyncio.shield(pending)
+        if owner is None:
+            self._misses[listen_id] = now + MISS_TTL
+            self._misses.move_to_end(listen_id)
+            while len(self._misses) > MAX_MISSES:
+                self._misses.popitem(last=False)
         return owner
 
     def _line(self, line: bytes) -> bytes:

@@ -10,7 +10,7 @@ import pytest
 
 from homenet.node.address import Endpoint, ListenId
 from homenet.node.errors import Code, RouteError
-from homenet.node.fleet import Entry, Fleet, FleetDirectory, FleetKey, LocalFeed
+from homenet.node.fleet import MISS_TTL, Entry, Fleet, FleetDirectory, FleetKey, LocalFeed, Owner
 from homenet.node.keys import KeyStore, Secret
 from homenet.node.limits import SourceLimiter
 from homenet.node.listeners import ListenerConflict, PoolGrant
@@ -227,3 +227,29 @@ def test_a_newer_registration_elsewhere_closes_the_stale_one_here(fleet_relay: t
     assert "newer registration on relay relay-a" in session.close_reason
     assert relay.registry.lookup("h1") is None
     assert "h1" not in fleet.feed.entries
+
+
+async def test_misses_ask_the_peers_once_per_listen_id_and_then_rest_a_while() -> None:
+    clock = Clock()
+    d = FleetDirectory("me", clock=clock)
+    asked: list[str] = []
+    gate = asyncio.Event()
+
+    async def ask(listen_id: str) -> Owner | None:
+        asked.append(listen_id)
+        await gate.wait()
+        return Owner("relay-b", B, Entry(listen_id, 1, True)) if listen_id == "real" else None
+
+    fleet = Fleet(KEY, "me-relay-id", d, LocalFeed(), ask=ask)
+    waiting = [asyncio.ensure_future(fleet.locate(ListenId("made-up"))) for _ in range(5)]
+    gate.set()
+    assert await asyncio.gather(*waiting) == [None] * 5
+    assert asked == ["made-up"]  # five clients, one question to the peers
+    assert await fleet.locate(ListenId("made-up")) is None
+    assert asked == ["made-up"]  # a miss rests for MISS_TTL
+    clock.now += MISS_TTL + 0.1
+    assert await fleet.locate(ListenId("made-up")) is None
+    assert asked == ["made-up", "made-up"]
+    owner = await fleet.locate(ListenId("real"))
+    assert owner is not None
+    assert owner.relay_id == "relay-b"
