@@ -49,6 +49,9 @@ _parse_hop = functools.lru_cache(maxsize=4096)(parse_hop)
 
 #: Serves a request with another verb than CONNECT (TICKET, POOL); True when it took the socket.
 VerbHandler = Callable[[Handshake], Awaitable[bool]]
+#: Reads what a plane needs before it is served (the data plane's request), within the
+#: handshake deadline; None: nothing (the gRPC plane).
+PlanePreamble = Callable[[Handshake, bytes], Awaitable[None]] | None
 #: Serves a connection once its first bytes named its plane; True when it took the socket.
 PlaneHandler = Callable[[Handshake, bytes], Awaitable[bool]]
 
@@ -119,7 +122,10 @@ class Node:
         self.acceptor = Acceptor(
             limiter, settings.handshake_timeout, self._serve_admitted, self.sessions.refused, self.tls is None
         )
-        self.planes: dict[Plane, PlaneHandler] = {Plane.DATA: self._data_plane, Plane.GRPC: self.grpc.serve}
+        self.planes: dict[Plane, tuple[PlanePreamble, PlaneHandler]] = {
+            Plane.DATA: (self._read_request, self._serve_request),
+            Plane.GRPC: (None, self.grpc.serve),
+        }
         self.started = time.time()
         self.state = "starting"
         self._address: Endpoint | None = None
@@ -211,12 +217,15 @@ class Node:
                     if not chunk:
                         return
                     buf += chunk
-            if hs.alpn and (plane is Plane.GRPC) != (hs.alpn == ALPN_GRPC):
-                raise ProtocolError(Code.BAD_REQUEST, f"ALPN {hs.alpn} does not match what was sent")
-            handler = self.planes.get(plane)
-            if handler is None:
-                raise ProtocolError(Code.BAD_REQUEST, "not a HomeNet client (expected HN/1 or gRPC)")
-            spliced = await handler(hs, buf)
+                if hs.alpn and (plane is Plane.GRPC) != (hs.alpn == ALPN_GRPC):
+                    raise ProtocolError(Code.BAD_REQUEST, f"ALPN {hs.alpn} does not match what was sent")
+                found = self.planes.get(plane)
+                if found is None:
+                    raise ProtocolError(Code.BAD_REQUEST, "not a HomeNet client (expected HN/1 or gRPC)")
+                preamble, serve = found
+                if preamble is not None:
+                    await preamble(hs, buf)
+            spliced = await serve(hs, buf)
         except TLSError as exc:
             self.sessions.refused()
             log.info("session.refused", extra=fields(peer=hs.peer, reason=str(exc)))
@@ -261,16 +270,20 @@ class Node:
             hs.sock.recv(65536)
 
     # -- the data plane --------------------------------------------------------------------------
-    async def _data_plane(self, hs: Handshake, buf: bytes) -> bool:
-        """Read the request (within the handshake deadline), then serve it."""
-        async with asyncio.timeout_at(self._deadline(hs)):
-            parser = RequestParser()
-            parser.receive_data(buf)
-            while (event := parser.next_event()) is NEED_DATA:
-                parser.receive_data(await recv_some(hs.sock, _RECV))
+    async def _read_request(self, hs: Handshake, buf: bytes) -> None:
+        """The data plane's request line (the caller holds the handshake deadline)."""
+        parser = RequestParser()
+        parser.receive_data(buf)
+        while (event := parser.next_event()) is NEED_DATA:
+            parser.receive_data(await recv_some(hs.sock, _RECV))
         assert isinstance(event, Request)
         hs.request, hs.trailing = event, parser.trailing()
         self.acceptor.settle(hs)
+
+    async def _serve_request(self, hs: Handshake, buf: bytes) -> bool:
+        """Serve the data-plane request read by :meth:`_read_request`."""
+        event = hs.request
+        assert event is not None
         if self.state != "serving":
             raise RouteError(Code.UNAVAILABLE, "node is shutting down; retry on another node")
         if event.verb is not Verb.CONNECT:
