@@ -35,8 +35,9 @@ _DROP_AGE = 1.0
 _WAITING_MAX = 4096
 _BACKLOG = 4096
 
-#: Starts serving an admitted connection: (socket, peer, source, accepted at) -> its handshake.
-Serve = Callable[[socket.socket, str, str, float], Handshake]
+#: Starts serving an admitted connection: (socket, peer, source, accepted at, plain) -> its
+#: handshake; ``plain``: it came on a listening socket that speaks no TLS (a worker's private one).
+Serve = Callable[[socket.socket, str, str, float, bool], Handshake]
 
 
 def peer_str(addr: tuple[object, ...] | str) -> str:
@@ -48,7 +49,8 @@ def peer_str(addr: tuple[object, ...] | str) -> str:
 
 
 class Acceptor:
-    """Accepts on one listening socket and admits connections by source."""
+    """Accepts on its listening sockets (the port; a worker's private port too) and admits
+    connections by source."""
 
     def __init__(
         self,
@@ -65,32 +67,40 @@ class Acceptor:
         #: Send a dropped handshake its 429 line (not over TLS: it would be garbage there).
         self.explain_drops = explain_drops
         self.dropped = 0
-        self._lsock: socket.socket | None = None
+        #: Listening sockets -> whether they speak plaintext even when the node speaks TLS.
+        self._lsocks: dict[socket.socket, bool] = {}
         self._loop: asyncio.AbstractEventLoop | None = None
         self._paused = False
         #: Admitted handshakes still reading their preamble, by source, oldest first: the
         #: ones that may be dropped when the cap is full.
         self._droppable: dict[str, dict[Handshake, None]] = {}
-        #: Accepted connections waiting for a slot: (socket, peer, source, accepted at).
-        self._waiting: deque[tuple[socket.socket, str, str, float]] = deque()
+        #: Accepted connections waiting for a slot: (socket, peer, source, accepted at, plain).
+        self._waiting: deque[tuple[socket.socket, str, str, float, bool]] = deque()
 
     async def listen(self, bind: str, port: int) -> Endpoint:
         """Bind and start accepting; returns where."""
+        return self.adopt(await listen_socket(bind, port, _BACKLOG))
+
+    def adopt(self, lsock: socket.socket, plain: bool = False) -> Endpoint:
+        """Accept on a listening socket made elsewhere (a worker's, from its supervisor);
+        ``plain``: its connections speak no TLS. Returns where it listens."""
         self._loop = asyncio.get_running_loop()
-        self._lsock = await listen_socket(bind, port, _BACKLOG)
-        host, bound = self._lsock.getsockname()[:2]
-        self._loop.add_reader(self._lsock.fileno(), self._on_accept)
+        lsock.setblocking(False)
+        self._lsocks[lsock] = plain
+        if not self._paused:
+            self._loop.add_reader(lsock.fileno(), self._on_accept, lsock)
+        host, bound = lsock.getsockname()[:2]
         return Endpoint(str(host), int(bound))
 
     def close(self) -> None:
         """Stop accepting; connections still waiting for a slot are told to go elsewhere."""
-        if self._lsock is not None and self._loop is not None:
-            if not self._paused:
-                self._loop.remove_reader(self._lsock.fileno())
-            self._lsock.close()
-            self._lsock = None
+        for lsock in list(self._lsocks):
+            if not self._paused and self._loop is not None:
+                self._loop.remove_reader(lsock.fileno())
+            lsock.close()
+        self._lsocks.clear()
         while self._waiting:
-            sock, _, source, _ = self._waiting.popleft()
+            sock, _, source, _, _ = self._waiting.popleft()
             self.limiter.unqueue(source)
             self._refuse(sock, Code.UNAVAILABLE, "node is shutting down; retry on another node")
 
@@ -120,28 +130,29 @@ class Acceptor:
             self._slot_freed()
 
     # -- accept ----------------------------------------------------------------------------------
-    def _on_accept(self) -> None:
-        assert self._lsock is not None
-        assert self._loop is not None
+    def _on_accept(self, lsock: socket.socket) -> None:
+        plain = self._lsocks.get(lsock)
+        if plain is None:  # closed since the loop saw it readable
+            return
         for _ in range(_ACCEPT_BURST):
             try:
-                sock, addr = self._lsock.accept()
+                sock, addr = lsock.accept()
             except (BlockingIOError, InterruptedError):
                 return
             except OSError as exc:  # EMFILE and friends: pause instead of spinning on a readable socket
                 log.warning("node.accept_paused", extra=fields(error=str(exc), seconds=_ACCEPT_PAUSE))
                 self._pause(_ACCEPT_PAUSE)
                 return
-            self._admit(sock, peer_str(addr), source_of(str(addr[0])))
+            self._admit(sock, peer_str(addr), source_of(str(addr[0])), plain)
 
-    def _admit(self, sock: socket.socket, peer: str, source: str) -> None:
+    def _admit(self, sock: socket.socket, peer: str, source: str, plain: bool = False) -> None:
         assert self._loop is not None
         why = self.limiter.refusal(source)
         if why is None and self.limiter.full and not self._make_room(source):
             if len(self._waiting) < _WAITING_MAX:
                 tune(sock)
                 self.limiter.queue(source)
-                self._waiting.append((sock, peer, source, self._loop.time()))
+                self._waiting.append((sock, peer, source, self._loop.time(), plain))
                 return
             why = "too many connections in handshake"
         if why is None:
@@ -150,7 +161,7 @@ class Acceptor:
             self._refuse(sock, Code.TOO_MANY, why)
             return
         tune(sock)
-        self.track(self.serve(sock, peer, source, self._loop.time()))
+        self.track(self.serve(sock, peer, source, self._loop.time(), plain))
 
     def _refuse(self, sock: socket.socket, code: Code, why: str) -> None:
         self.on_refused()
@@ -163,7 +174,7 @@ class Acceptor:
         if self._loop is None:
             return
         while self._waiting and not self.limiter.full:
-            sock, peer, source, since = self._waiting.popleft()
+            sock, peer, source, since, plain = self._waiting.popleft()
             self.limiter.unqueue(source)
             if self._loop.time() - since >= self.handshake_timeout:
                 self._refuse(sock, Code.TIMEOUT, "waited too long for a handshake slot")
@@ -172,7 +183,7 @@ class Acceptor:
             if why is not None:
                 self._refuse(sock, Code.TOO_MANY, why)
                 continue
-            self.track(self.serve(sock, peer, source, since))
+            self.track(self.serve(sock, peer, source, since, plain))
 
     def _make_room(self, newcomer: str) -> bool:
         """The cap is full: drop one handshake still in its preamble, so a client is not
@@ -210,14 +221,16 @@ class Acceptor:
         return True
 
     def _pause(self, seconds: float) -> None:
-        """Stop watching the listening socket for ``seconds`` (out of descriptors)."""
-        if self._lsock is None or self._loop is None or self._paused:
+        """Stop watching the listening sockets for ``seconds`` (out of descriptors)."""
+        if not self._lsocks or self._loop is None or self._paused:
             return
         self._paused = True
-        self._loop.remove_reader(self._lsock.fileno())
+        for lsock in self._lsocks:
+            self._loop.remove_reader(lsock.fileno())
         self._loop.call_later(seconds, self._resume)
 
     def _resume(self) -> None:
-        if self._paused and self._lsock is not None and self._loop is not None:
+        if self._paused and self._loop is not None:
             self._paused = False
-            self._loop.add_reader(self._lsock.fileno(), self._on_accept)
+            for lsock in self._lsocks:
+                self._loop.add_reader(lsock.fileno(), self._on_accept, lsock)

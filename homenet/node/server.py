@@ -129,21 +129,37 @@ class Node:
         self.started = time.time()
         self.state = "starting"
         self._address: Endpoint | None = None
+        #: A worker's private loopback port (None for a single-process node).
+        self.private_address: Endpoint | None = None
         self._handshakes: set[asyncio.Task[None]] = set()
+        #: Handshakes that came on a plaintext private port (a worker's, for its siblings).
+        self._plain: set[Handshake] = set()
 
     # -- lifecycle ---------------------------------------------------------------------------
-    async def start(self) -> None:
-        """Bind and start accepting; :attr:`address` is known when this returns."""
-        self._address = ep = await self.acceptor.listen(self.settings.bind, self.settings.port)
-        own = normalise(ip_address(ep.host))  # never dial our own listener, by any of its addresses
+    async def start(self, public: socket.socket | None = None, private: socket.socket | None = None) -> None:
+        """Bind (or take ``public``, a listening socket made by a supervisor) and start
+        accepting; :attr:`address` is known when this returns. ``private``: a worker's own
+        plaintext loopback port, for its siblings (fleet watches, forwarded hops)."""
+        if public is not None:
+            self._address = self.acceptor.adopt(public)
+        else:
+            self._address = await self.acceptor.listen(self.settings.bind, self.settings.port)
+        self._own(self._address)
+        if private is not None:
+            self.private_address = self.acceptor.adopt(private, plain=True)
+            self._own(self.private_address)
+        self.started = time.time()
+        self.state = "serving"
+        log.info("node.listening", extra=fields(address=self.url, name=self.settings.name))
+
+    def _own(self, ep: Endpoint) -> None:
+        """Never dial our own listener, by any of its addresses."""
+        own = normalise(ip_address(ep.host))
         dialer = self.router.dialer
         dialer.policy = dialer.policy.with_own(own, ep.port)
         if own.is_unspecified:
             for addr in local_addresses():
                 dialer.policy = dialer.policy.with_own(addr, ep.port)
-        self.started = time.time()
-        self.state = "serving"
-        log.info("node.listening", extra=fields(address=self.url, name=self.settings.name))
 
     @property
     def address(self) -> Endpoint:
@@ -196,8 +212,11 @@ class Node:
         activated dial-back and pool connections come here, ``buf`` already read)."""
         self._start(Handshake(sock, peer, buf, depth, since=asyncio.get_running_loop().time()))
 
-    def _serve_admitted(self, sock: socket.socket, peer: str, source: str, since: float) -> Handshake:
-        return self._start(Handshake(sock, peer, source=source, since=since))
+    def _serve_admitted(self, sock: socket.socket, peer: str, source: str, since: float, plain: bool) -> Handshake:
+        hs = Handshake(sock, peer, source=source, since=since)
+        if plain:
+            self._plain.add(hs)
+        return self._start(hs)
 
     def _start(self, hs: Handshake) -> Handshake:
         hs.task = task = asyncio.get_running_loop().create_task(self._handshake(hs))
@@ -209,7 +228,7 @@ class Node:
         spliced = False
         try:
             async with asyncio.timeout_at(self._deadline(hs)):
-                if self.tls is not None and hs.source is not None:
+                if self.tls is not None and hs.source is not None and hs not in self._plain:
                     await self._start_tls(hs)
                 buf = hs.buf
                 while (plane := detect_plane(buf)) is None:
@@ -239,6 +258,7 @@ class Node:
             log.exception("handshake.bug", extra=fields(peer=hs.peer))
         finally:
             self.acceptor.release(hs)
+            self._plain.discard(hs)
             if not spliced:
                 hs.sock.close()
 
