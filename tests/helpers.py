@@ -90,6 +90,8 @@ def proc_env(tmp: Path, secure: bool = False) -> dict[str, str]:
         "PYTHONUNBUFFERED": "1",
         "HOMENET_MDNS_INTERFACE": "127.0.0.1",
         "HOMENET_STATE_DIR": str(tmp / "state"),
+        # one process per node unless a test asks for workers (tests/integration/test_workers.py)
+        "HOMENET_WORKERS": "1",
     }
     for var in ("HOMENET_CONFIG", "HOMENET_KEY", "HOMENET_KEY_FILE", "HOMENET_KEYS_FILE"):
         env.pop(var, None)

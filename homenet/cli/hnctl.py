@@ -117,6 +117,8 @@ async def _status(client: ControlClient, as_json: bool) -> None:
     print(f"uptime     {up // 86400}d {up % 86400 // 3600:02d}:{up % 3600 // 60:02d}:{up % 60:02d}")
     print(f"sessions   {st.active_sessions} active, {st.total_sessions} total, {st.refused_sessions} refused")
     print(f"listeners  {st.listeners}")
+    if st.workers > 1:
+        print(f"workers    {st.workers_up}/{st.workers} answered")
     if st.fleet_peers:
         print(f"fleet      {st.fleet_peers_up}/{st.fleet_peers} peers up, {st.fleet_listeners} listeners on peers")
     print(f"relayed    {_bytes(st.bytes_up)} up, {_bytes(st.bytes_down)} down")

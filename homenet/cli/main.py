@@ -167,13 +167,24 @@ def _given(args: argparse.Namespace, rl_only: bool = False) -> dict[str, Any]:
 
 
 def _cmd_node(args: argparse.Namespace) -> int:
-    from homenet.control.runtime import run_node
+    from homenet.control.runtime import Fatal, run_node, supervise
+    from homenet.control.workers import EXIT_FATAL, current_spec, die_with_supervisor, worker_settings
 
     settings = load_settings(_given(args), config=args.config)  # errors: one line, exit 2 (guarded)
     configure(settings.log_level, settings.log_format)
     raise_nofile()
+    spec = current_spec()
     try:
-        run(run_node(settings, _announce, notice=_notice))
+        if spec is not None:  # one worker of a supervisor (which started it with this command line)
+            die_with_supervisor(spec)
+            try:
+                run(run_node(worker_settings(settings, spec), _announce, notice=_notice, spec=spec))
+            except Fatal as exc:
+                fail(str(exc), EXIT_FATAL)
+        elif settings.worker_count > 1:
+            return run(supervise(settings, _ARGV[0], _announce, _notice))
+        else:
+            run(run_node(settings, _announce, notice=_notice))
     except OSError as exc:
         fail(f"cannot listen on {settings.bind}:{settings.port}: {exc.strerror or exc}", EXIT_FAILED)
     return EXIT_OK
@@ -316,9 +327,14 @@ _COMMANDS = {
 }
 
 
+#: The command line of this run (workers of ``homenet node --workers N`` get it too).
+_ARGV: list[list[str]] = [[]]
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``homenet`` command."""
     PROG[0] = "homenet"
+    _ARGV[0] = list(sys.argv[1:] if argv is None else argv)
     args = _parser().parse_args(argv)
     handler = _COMMANDS[args.command]
     return guarded(lambda: handler(args))

@@ -65,6 +65,10 @@ def method_roles(s: Settings) -> dict[str, tuple[str, Required]]:
     }
 
 
+#: Admin reads a fleet peer (a sibling worker) may make with the fleet key.
+PEER_READABLE = frozenset({"/homenet.v1.NodeService/ListSessions", "/homenet.v1.RelayService/ListListeners"})
+
+
 class AuthInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
     """Authorizes each call on the method it routes to; failed logins count against the source."""
 
@@ -74,11 +78,15 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
         authorizer: Authorizer,
         grpc_plane: GrpcPlane,
         fleet_authorizer: Authorizer | None = None,
+        fleet_key_id: str = "",
     ) -> None:
         self.authorizer = authorizer
         self.grpc_plane = grpc_plane
         #: Checks the fleet key (peer calls); None: this relay peers with nobody.
         self.fleet_authorizer = fleet_authorizer
+        #: The fleet key's id: a call it signs may also read what an admin reads (a worker
+        #: answering for its whole node asks its siblings so).
+        self.fleet_key_id = fleet_key_id
         self.roles = method_roles(settings)
 
     async def _check(self, method: str, context: grpc.aio.ServicerContext[Any, Any], request: Any) -> Key | None:
@@ -91,6 +99,8 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
         if not token["key"] and need != "required":
             return None
         peer = real_peer(self.grpc_plane, context.peer())
+        if method in PEER_READABLE and self.fleet_key_id and token["key"] == self.fleet_key_id:
+            role = FLEET_ROLE
         authorizer = self.fleet_authorizer if role == FLEET_ROLE else self.authorizer
         if authorizer is None:
             await abort(context, AuthError("this relay has no fleet key: it peers with nobody", forbidden=True))

@@ -149,8 +149,12 @@ class FleetServicer(fleet_pb2_grpc.FleetServiceServicer):
 class PeerLinks:
     """One watch per peer; the directory follows them. Also asks peers on a miss."""
 
-    def __init__(self, settings: Settings, key: FleetKey, relay_id: str, directory: FleetDirectory) -> None:
+    def __init__(
+        self, settings: Settings, key: FleetKey, relay_id: str, directory: FleetDirectory, plain: bool = False
+    ) -> None:
         self.settings = settings
+        #: Peers speak plaintext (a worker's siblings, on loopback), whatever the port speaks.
+        self.plain = plain
         self.key = key
         self.relay_id = relay_id
         self.directory = directory
@@ -160,7 +164,7 @@ class PeerLinks:
 
     def _channel(self, target: Endpoint) -> grpc.aio.Channel:
         s = self.settings
-        tls = bool(s.tls_cert)  # a fleet speaks one way: TLS when this relay serves TLS
+        tls = bool(s.tls_cert) and not self.plain  # a fleet speaks one way: TLS when this relay serves TLS
         options: list[tuple[str, Any]] = list(_OPTIONS)
         if tls and s.peer_tls_name:  # one certificate for every relay: verify peers by its name
             options.append(("grpc.ssl_target_name_override", s.peer_tls_name))

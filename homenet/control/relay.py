@@ -13,6 +13,7 @@ from homenet import __version__
 from homenet.control.auth import CURRENT_KEY, real_peer
 from homenet.control.discovery import answer_from_pb, query_to_pb
 from homenet.control.errors import abort, code_of_status_value
+from homenet.control.siblings import Siblings, is_local
 from homenet.control.v1 import relay_pb2, relay_pb2_grpc
 from homenet.node.listeners import (
     Event,
@@ -70,12 +71,15 @@ class RelayServicer(relay_pb2_grpc.RelayServiceServicer):
         grpc_plane: GrpcPlane,
         name: str,
         fleet_kick: Callable[[str], Awaitable[bool]] | None = None,
+        siblings: Siblings | None = None,
     ) -> None:
         self.relay = relay
         self.grpc_plane = grpc_plane
         self.name = name
         #: Kicks a listener another relay of the fleet holds.
         self.fleet_kick = fleet_kick
+        #: The other workers of this node (ListListeners answers for all of them).
+        self.siblings = siblings
 
     async def Listen(
         self, request_iterator: AsyncIterator[relay_pb2.ListenerMessage], context: Context
@@ -139,9 +143,12 @@ class RelayServicer(relay_pb2_grpc.RelayServiceServicer):
     async def ListListeners(
         self, request: relay_pb2.ListListenersRequest, context: grpc.aio.ServicerContext[object, object]
     ) -> relay_pb2.ListListenersResponse:
-        return relay_pb2.ListListenersResponse(
-            listeners=[to_listener_message(lst) for lst in self.relay.registry.all()]
-        )
+        worker = self.siblings.index if self.siblings is not None else 0
+        listeners = [to_listener_message(lst, worker) for lst in self.relay.registry.all()]
+        if self.siblings is not None and not is_local(context):
+            listeners.extend(await self.siblings.listeners())
+            listeners.sort(key=lambda x: x.listen_id)
+        return relay_pb2.ListListenersResponse(listeners=listeners)
 
     async def Kick(
         self, request: relay_pb2.KickRequest, context: grpc.aio.ServicerContext[object, object]
@@ -154,8 +161,9 @@ class RelayServicer(relay_pb2_grpc.RelayServiceServicer):
         await abort(context, ListenerNotFound(f"no listener {request.listen_id[:80]} {where}"))
 
 
-def to_listener_message(lst: Listener) -> relay_pb2.Listener:
+def to_listener_message(lst: Listener, worker: int = 0) -> relay_pb2.Listener:
     return relay_pb2.Listener(
+        worker=worker,
         listen_id=lst.listen_id,
         peer=lst.peer,
         since=lst.since,

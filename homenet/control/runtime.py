@@ -19,13 +19,16 @@ from homenet.control.fleet import FleetServicer, Identity, PeerLinks
 from homenet.control.relay import RelayServicer
 from homenet.control.rl import IdentityBusy, Refused, RLClient, RLOptions
 from homenet.control.server import ControlServer
+from homenet.control.siblings import Siblings
 from homenet.control.v1 import discovery_pb2_grpc, fleet_pb2_grpc, relay_pb2_grpc
+from homenet.control.workers import Supervisor, WorkerSpec, public_socket
 from homenet.node.address import Endpoint, parse_url
 from homenet.node.assembly import Core, assemble
 from homenet.node.auth import Authorizer, Credentials
 from homenet.node.discovery import DEFAULT_TYPES, HOMENET_TYPE, Advertiser, Discovery, node_txt
 from homenet.node.errors import Code, HomeNetError
 from homenet.node.fleet import Fleet, FleetDirectory, FleetKey, LocalFeed
+from homenet.node.handoff import Handoff
 from homenet.node.keys import ensure_first_key, parse_key_ref
 from homenet.node.log import fields
 from homenet.node.remote import FixedTarget
@@ -141,33 +144,50 @@ async def until(stop: asyncio.Event, failed: asyncio.Event) -> None:
 class NodeRuntime:
     """One ``homenet node`` process, built from its settings."""
 
-    def __init__(self, settings: Settings, announce: Announce, notice: Announce | None = None) -> None:
+    def __init__(
+        self, settings: Settings, announce: Announce, notice: Announce | None = None, spec: WorkerSpec | None = None
+    ) -> None:
         self.settings = settings
         self.announce = announce
         self.notice = notice
+        #: A worker of ``homenet node --workers N`` (None: the node is this one process).
+        self.spec = spec
         discovery = (
             Discovery(settings.mdns_interface, settings.mdns_types or DEFAULT_TYPES, settings.state_dir, settings.name)
             if settings.mdns
             else None
         )
         node_id = secrets.token_hex(8)
-        self.fleet, self.links = _fleet(settings, node_id)
+        self.handoff = (
+            Handoff(spec.handoffs[spec.index], spec.sibling_handoffs(), self._handed) if spec is not None else None
+        )
+        self.fleet, self.links = _fleet(settings, node_id, self.handoff)
         self.core: Core = assemble(
             settings, discovery, node_id=node_id, fleet=self.fleet,
             fleet_queries=self.links.query if self.links is not None else None,
         )  # fmt: skip
         core = self.core
         fleet_auth = Authorizer(self.fleet.verifier, core.limiter) if self.fleet is not None else None
-        self.control = ControlServer([AuthInterceptor(settings, core.authorizer, core.node.grpc, fleet_auth)])
-        self.control.add_node(
-            core.node, core.relay.registry.online_count, self.fleet.directory.counts if self.fleet else None
+        self.siblings = (
+            Siblings(spec.index, [s for i, s in enumerate(spec.siblings) if i != spec.index], self.fleet.key.creds)
+            if spec is not None and self.fleet is not None
+            else None
         )
+        sibling_key = self.fleet.key.id if self.fleet is not None and self.siblings is not None else ""
+        self.control = ControlServer(
+            [AuthInterceptor(settings, core.authorizer, core.node.grpc, fleet_auth, sibling_key)]
+        )
+        fleet_counts = self.fleet.directory.counts if self.fleet is not None and spec is None else None
+        self.control.add_node(core.node, core.relay.registry.online_count, fleet_counts, self.siblings)
         relay_pb2_grpc.add_RelayServiceServicer_to_server(
-            RelayServicer(core.relay, core.node.grpc, settings.name, self.links.kick if self.links else None),
+            RelayServicer(
+                core.relay, core.node.grpc, settings.name, self.links.kick if self.links else None, self.siblings
+            ),
             self.control.server,
         )
         discovery_pb2_grpc.add_DiscoveryServiceServicer_to_server(DiscoveryServicer(core.queries), self.control.server)
-        identity = Identity(node_id, settings.name, lambda: str(core.node.address))
+        name = f"{settings.name} (worker {spec.index})" if spec is not None else settings.name
+        identity = Identity(node_id, name, lambda: str(core.node.private_address or core.node.address))
         fleet_pb2_grpc.add_FleetServiceServicer_to_server(
             FleetServicer(self.fleet, core.relay, identity), self.control.server
         )
@@ -180,6 +200,10 @@ class NodeRuntime:
 
     async def _serve(self, sock: socket.socket, desc: str, early: bytes, depth: int) -> None:
         self.core.node.serve_accepted(sock, desc, early, depth)
+
+    def _handed(self, sock: socket.socket, peer: str, data: bytes, depth: int) -> None:
+        """A sibling worker handed us a connection (a forwarded hop for one of ours)."""
+        self.core.node.serve_accepted(sock, peer, data, depth)
 
     def _listening(self, line: str) -> None:
         """A relay granted a listenId: say so, and keep our mDNS record's RL URLs current."""
@@ -208,19 +232,29 @@ class NodeRuntime:
 
     async def start(self) -> None:
         """Lock identities, start the control server, the port, discovery, the relay role."""
-        core = self.core
-        self._first_key()
+        core, spec = self.core, self.spec
+        if spec is None:  # a supervisor did it for its workers
+            self._first_key()
         self.listeners.acquire()  # before anything listens: a second process with our identity stops here
         core.node.grpc.endpoint = await self.control.start()
         try:
             if self.settings.health_port:
                 await self.control.serve_health(self.settings.health_bind, self.settings.health_port)
-            await core.node.start()
+            if spec is not None:
+                await core.node.start(public_socket(spec), socket.socket(fileno=spec.private_fd))
+                for sibling in spec.sibling_handoffs():  # dialing a sibling is dialing ourselves
+                    core.node.add_own(sibling)
+                assert self.handoff is not None
+                self.handoff.start()
+            else:
+                await core.node.start()
             if core.discovery is not None:
                 await core.discovery.start()
-                self.advertiser = Advertiser(self.settings.mdns_interface)
-                await self.advertiser.start(core.discovery.azc)
-                await self.advertiser.publish(self.settings.name, HOMENET_TYPE, core.node.address.port, node_txt([]))
+                if spec is None or spec.index == 0:  # one record per node
+                    self.advertiser = Advertiser(self.settings.mdns_interface)
+                    await self.advertiser.start(core.discovery.azc)
+                    port = core.node.address.port
+                    await self.advertiser.publish(self.settings.name, HOMENET_TYPE, port, node_txt([]))
         except BaseException:
             await self.close()
             raise
@@ -259,32 +293,46 @@ class NodeRuntime:
             await self.advertiser.close()
         if core.discovery is not None:
             await core.discovery.close()
+        if self.handoff is not None:
+            self.handoff.close()
+        if self.siblings is not None:
+            await self.siblings.close()
         await core.relay.close()
         await core.node.close()
         await self.control.stop(0)
         await self.control.stop_health()
 
 
-def _fleet(settings: Settings, node_id: str) -> tuple[Fleet | None, PeerLinks | None]:
-    """This relay's fleet parts, if it has a fleet key (no key: it peers with nobody)."""
+def _fleet(settings: Settings, node_id: str, handoff: Handoff | None) -> tuple[Fleet | None, PeerLinks | None]:
+    """This relay's fleet parts, if it has a fleet key (no key: it peers with nobody). A
+    worker's fleet is its siblings: plaintext on their private loopback ports, connections
+    handed over instead of relayed."""
     if not settings.fleet_key_file:
         return None, None
     key = FleetKey.load(settings.fleet_key_file)
     directory = FleetDirectory(node_id, settings.moving_hold)
-    links = PeerLinks(settings, key, node_id, directory)
-    tls = client_context(settings.tls_ca, settings.tls_cert, settings.tls_key) if settings.tls_cert else None
-    fleet = Fleet(key, node_id, directory, LocalFeed(), settings.dial_timeout, links.ask, tls, settings.peer_tls_name)
+    links = PeerLinks(settings, key, node_id, directory, plain=handoff is not None)
+    tls = None
+    if settings.tls_cert and handoff is None:
+        tls = client_context(settings.tls_ca, settings.tls_cert, settings.tls_key)
+    fleet = Fleet(
+        key, node_id, directory, LocalFeed(), settings.dial_timeout, links.ask, tls, settings.peer_tls_name, handoff
+    )
     return fleet, links
 
 
 async def run_node(
-    settings: Settings, announce: Announce, stop: asyncio.Event | None = None, notice: Announce | None = None
+    settings: Settings,
+    announce: Announce,
+    stop: asyncio.Event | None = None,
+    notice: Announce | None = None,
+    spec: WorkerSpec | None = None,
 ) -> None:
     """Serve until SIGTERM/SIGINT (or ``stop``), then drain and stop. Raises :class:`Fatal` if
     a relay refused the node's first registration, :class:`IdentityBusy` if another process
-    uses one of its listener identities."""
+    uses one of its listener identities. ``spec``: run as one worker of a supervisor."""
     stop = stop or asyncio.Event()
-    runtime = NodeRuntime(settings, announce, notice)
+    runtime = NodeRuntime(settings, announce, notice, spec)
     async with signals(stop) as then:
         await runtime.start()
         try:
@@ -295,6 +343,15 @@ async def run_node(
     log.info("node.stopped", extra=fields(sessions=runtime.core.node.sessions.totals.sessions))
     if runtime.listeners.failure is not None:
         raise Fatal(str(runtime.listeners.failure))
+
+
+async def supervise(settings: Settings, argv: list[str], announce: Announce, notice: Announce | None) -> int:
+    """``homenet node --workers N``: start N workers with ``argv`` (the node's command line),
+    keep them running until SIGTERM/SIGINT, drain them; returns the exit status."""
+    stop = asyncio.Event()
+    supervisor = Supervisor(settings, argv, announce, notice)
+    async with signals(stop) as then:
+        return await supervisor.run(stop, then)
 
 
 async def run_rl(

@@ -16,6 +16,7 @@ from grpc_health.v1._async import HealthServicer
 from grpc_reflection.v1alpha import reflection
 
 from homenet import __version__
+from homenet.control.siblings import Siblings, is_local, merge_status
 from homenet.control.v1 import node_pb2, node_pb2_grpc
 from homenet.node.server import Node
 from homenet.node.sessions import SessionTable
@@ -29,13 +30,19 @@ class NodeServicer(node_pb2_grpc.NodeServiceServicer):
     """NodeService: status and sessions of one node."""
 
     def __init__(
-        self, node: Node, listeners: Callable[[], int], fleet: Callable[[], tuple[int, int, int]] | None = None
+        self,
+        node: Node,
+        listeners: Callable[[], int],
+        fleet: Callable[[], tuple[int, int, int]] | None = None,
+        siblings: Siblings | None = None,
     ) -> None:
         self.node = node
         self.sessions: SessionTable = node.sessions
         self.listeners = listeners
         #: (peers up, peers, listeners on peers) of this relay's fleet
         self.fleet = fleet
+        #: The other workers of this node (None: a single-process node).
+        self.siblings = siblings
 
     async def GetStatus(
         self, request: node_pb2.GetStatusRequest, context: grpc.aio.ServicerContext[object, object]
@@ -43,7 +50,7 @@ class NodeServicer(node_pb2_grpc.NodeServiceServicer):
         n = self.node
         t = self.sessions.totals
         up, peers, on_peers = self.fleet() if self.fleet is not None else (0, 0, 0)
-        return node_pb2.NodeStatus(
+        own = node_pb2.NodeStatus(
             name=n.settings.name,
             version=__version__,
             uptime_seconds=max(0.0, time.time() - n.started),
@@ -58,25 +65,34 @@ class NodeServicer(node_pb2_grpc.NodeServiceServicer):
             fleet_peers_up=up,
             fleet_peers=peers,
             fleet_listeners=on_peers,
+            workers=1,
+            workers_up=1,
         )
+        if self.siblings is None or is_local(context):
+            return own
+        return merge_status(own, await self.siblings.statuses(), self.siblings.count)
 
     async def ListSessions(
         self, request: node_pb2.ListSessionsRequest, context: grpc.aio.ServicerContext[object, object]
     ) -> node_pb2.ListSessionsResponse:
-        return node_pb2.ListSessionsResponse(
-            sessions=[
-                node_pb2.Session(
-                    id=s.id,
-                    client=s.client,
-                    target=s.target,
-                    dialed=s.dialed,
-                    since=s.since,
-                    bytes_up=s.bytes_up,
-                    bytes_down=s.bytes_down,
-                )
-                for s in sorted(self.sessions.live.values(), key=lambda s: s.id)
-            ]
-        )
+        worker = self.siblings.index if self.siblings is not None else 0
+        own = [
+            node_pb2.Session(
+                id=s.id,
+                client=s.client,
+                target=s.target,
+                dialed=s.dialed,
+                since=s.since,
+                bytes_up=s.bytes_up,
+                bytes_down=s.bytes_down,
+                worker=worker,
+            )
+            for s in sorted(self.sessions.live.values(), key=lambda s: s.id)
+        ]
+        if self.siblings is not None and not is_local(context):
+            own.extend(await self.siblings.sessions())
+            own.sort(key=lambda s: (s.since, s.worker, s.id))
+        return node_pb2.ListSessionsResponse(sessions=own)
 
 
 class ControlServer:
@@ -100,9 +116,13 @@ class ControlServer:
         self._health_server: grpc.aio.Server | None = None
 
     def add_node(
-        self, node: Node, listeners: Callable[[], int], fleet: Callable[[], tuple[int, int, int]] | None = None
+        self,
+        node: Node,
+        listeners: Callable[[], int],
+        fleet: Callable[[], tuple[int, int, int]] | None = None,
+        siblings: Siblings | None = None,
     ) -> None:
-        node_pb2_grpc.add_NodeServiceServicer_to_server(NodeServicer(node, listeners, fleet), self.server)
+        node_pb2_grpc.add_NodeServiceServicer_to_server(NodeServicer(node, listeners, fleet, siblings), self.server)
 
     async def start(self) -> tuple[str, int]:
         """Register health and reflection, bind 127.0.0.1:0, start; returns the endpoint."""

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import hashlib
 import hmac
 import ipaddress
@@ -26,6 +27,7 @@ from collections import OrderedDict
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import NoReturn
 
 from homenet.node.address import Endpoint, ListenId
 from homenet.node.auth import Credentials, Verifier
@@ -33,6 +35,7 @@ from homenet.node.client import next_reply
 from homenet.node.connection import Handshake
 from homenet.node.dialer import connect_first, describe_os_error, system_resolve
 from homenet.node.errors import Code, RouteError
+from homenet.node.handoff import HandedOff, Handoff, HandoffError
 from homenet.node.keys import Key, Secret, key_from_file
 from homenet.node.preamble import ProtocolError, ReplyParser, Verb, encode_request
 from homenet.node.sessions import Target
@@ -304,6 +307,7 @@ class Fleet:
         ask: AskPeers | None = None,
         tls: ssl.SSLContext | None = None,
         tls_name: str | None = None,
+        handoff: Handoff | None = None,
     ) -> None:
         self.key = key
         self.relay_id = relay_id
@@ -321,6 +325,8 @@ class Fleet:
         #: Peers speak TLS when this relay does (one fleet, one way); verified as ``tls_name``.
         self.tls = tls
         self.tls_name = tls_name
+        #: Sibling workers of this node: their connections are handed over, not relayed.
+        self.handoff = handoff
 
     # -- forwarded requests: the owner's side ---------------------------------------------------
     @staticmethod
@@ -371,8 +377,11 @@ class Fleet:
         return encode_request(Verb(verb), arg, {FWD: self.relay_id, **token})
 
     async def forward(self, hs: Handshake, owner: Owner) -> Target:
-        """Open the hop to ``owner`` for ``hs``'s request and read the owner's reply."""
+        """Open the hop to ``owner`` for ``hs``'s request and read the owner's reply (or hand
+        the connection to ``owner`` when it is a sibling worker: raises HandedOff)."""
         assert hs.request is not None
+        if self.handoff is not None and self.handoff.serves(owner.target):
+            await self._hand_over(hs, owner.target, owner.relay_id)
         try:
             sock = await self._connect(owner.target)
             async with asyncio.timeout(self.dial_timeout + 5.0):  # the owner may wait for a dial-back
@@ -409,10 +418,28 @@ class Fleet:
         )
         if view is None:
             raise RouteError(Code.UNAUTHORIZED, "unknown ticket (its relay is not in this fleet now)")
+        if self.handoff is not None and self.handoff.serves(view.target):
+            with contextlib.suppress(HandedOff):
+                await self._hand_over(hs, view.target, view.relay_id)
+            return True
         sock = await self._connect(view.target)
         view.forwarded += 1
         await self.splices.start(hs.sock, sock, to_b=self._line(hs.request.encode()) + hs.trailing)
         return True
+
+    async def _hand_over(self, hs: Handshake, target: Endpoint, relay_id: str) -> NoReturn:
+        """Give ``hs`` to the sibling worker at ``target``, as a forwarded hop (it checks the
+        fleet token and never passes it on); raises HandedOff, or RouteError if it cannot."""
+        assert self.handoff is not None
+        assert hs.request is not None
+        try:
+            await self.handoff.send(target, hs.sock, hs.peer, self._line(hs.request.encode()) + hs.trailing, hs.depth)
+        except HandoffError:  # it died or restarts: its watch tells the directory soon
+            raise RouteError(Code.MOVING, f"{hs.request.arg}: its worker is restarting; retry in a moment") from None
+        view = self.directory.by_relay(relay_id)
+        if view is not None:
+            view.forwarded += 1
+        raise HandedOff
 
     async def _connect(self, target: Endpoint) -> socket.socket:
         """A connection to a peer's data plane (peers are trusted: no target policy)."""

@@ -22,6 +22,7 @@ from homenet.node.address import AddressError, Endpoint, parse_hop
 from homenet.node.connection import Handshake
 from homenet.node.dialer import connect, recv_some, wait_readable
 from homenet.node.errors import Code, HomeNetError, RouteError
+from homenet.node.handoff import HandedOff
 from homenet.node.limits import SourceLimiter
 from homenet.node.log import fields
 from homenet.node.policy import local_addresses, normalise
@@ -144,15 +145,15 @@ class Node:
             self._address = self.acceptor.adopt(public)
         else:
             self._address = await self.acceptor.listen(self.settings.bind, self.settings.port)
-        self._own(self._address)
+        self.add_own(self._address)
         if private is not None:
             self.private_address = self.acceptor.adopt(private, plain=True)
-            self._own(self.private_address)
+            self.add_own(self.private_address)
         self.started = time.time()
         self.state = "serving"
         log.info("node.listening", extra=fields(address=self.url, name=self.settings.name))
 
-    def _own(self, ep: Endpoint) -> None:
+    def add_own(self, ep: Endpoint) -> None:
         """Never dial our own listener, by any of its addresses."""
         own = normalise(ip_address(ep.host))
         dialer = self.router.dialer
@@ -319,6 +320,9 @@ class Node:
             hop = _parse_hop(event.arg)
         except AddressError as exc:
             raise RouteError(Code.BAD_REQUEST, str(exc)) from None
-        target: Target = await self.router.route(hs, hop)
+        try:
+            target: Target = await self.router.route(hs, hop)
+        except HandedOff:  # a sibling worker serves it
+            return True
         await self.sessions.splice(hs.sock, hs.peer, hs.trailing, target, event.arg)
         return True

@@ -23,6 +23,9 @@ from homenet.node.address import DEFAULT_PORT, AddressError, parse_endpoint, par
 from homenet.node.errors import UsageError
 from homenet.node.policy import parse_rule
 
+#: At most this many worker processes.
+MAX_WORKERS = 64
+
 
 class SettingsError(UsageError, ValueError):
     """A setting with a bad value; the message names the setting and its source."""
@@ -149,6 +152,17 @@ class Settings:
     peer_tls_name: str | None = _opt(None, "fleet over TLS: the name to verify peers' certificates as", metavar="NAME")
     #: Fleet: seconds the listeners of a peer that went away answer 432 moving (then 404).
     moving_hold: float = _opt(10.0, "fleet: seconds a vanished peer's listeners answer 432 moving (default 10)")
+    #: Worker processes accepting on the one port; 0: one per core, except 1 with --rl,
+    #: --peers or --peers-dns (a home's traffic runs in its RL worker; a fleet relay is one
+    #: process per pod).
+    workers: int = _opt(
+        0, "worker processes on the one port (default 0: one per core; 1 with --rl, --peers or --peers-dns)"
+    )
+    #: How workers share the port: ``reuseport`` (SO_REUSEPORT, the kernel spreads
+    #: connections over one accept queue per worker) or ``shared`` (one queue, one socket).
+    worker_accept: str = _opt(
+        "reuseport", "how workers share the port (default reuseport)", choices=("reuseport", "shared")
+    )
 
     def __post_init__(self) -> None:
         for name in ("port", "health_port"):
@@ -188,6 +202,7 @@ class Settings:
             ("rl_auth", ("required", "open")),
             ("connect_auth", ("none", "direct", "all")),
             ("query_auth", ("required", "open")),
+            ("worker_accept", ("reuseport", "shared")),
         ):
             if getattr(self, name) not in allowed:
                 raise SettingsError(f"{name} {getattr(self, name)!r}: expected {' or '.join(allowed)}")
@@ -214,6 +229,12 @@ class Settings:
                 raise SettingsError(f"peers {peer!r}: {exc}") from None
         if (self.peers or self.peers_dns) and not self.fleet_key_file:
             raise SettingsError("peers need a fleet key: give fleet_key_file (--fleet-key-file) on every relay")
+        if not 0 <= self.workers <= MAX_WORKERS:
+            raise SettingsError(f"workers must be 0-{MAX_WORKERS} (0: one per core), got {self.workers}")
+        if self.workers > 1 and (self.peers or self.peers_dns):
+            raise SettingsError(
+                "workers > 1 cannot join a fleet (--peers/--peers-dns): run one relay process per pod or host"
+            )
         if self.advertise:
             try:
                 parse_endpoint(self.advertise)
@@ -221,6 +242,15 @@ class Settings:
                 raise SettingsError(f"advertise {self.advertise!r}: {exc}") from None
         if not (math.isfinite(self.idle_timeout) and self.idle_timeout >= 0):
             raise SettingsError(f"idle_timeout must be >= 0 (0 disables it), got {self.idle_timeout}")
+
+    @property
+    def worker_count(self) -> int:
+        """How many worker processes: ``workers``, or the default it stands for."""
+        if self.workers:
+            return self.workers
+        if self.rl or self.peers or self.peers_dns:
+            return 1
+        return max(1, min(MAX_WORKERS, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else 1))
 
     @property
     def keys_path(self) -> Path:

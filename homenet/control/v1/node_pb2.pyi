@@ -56,6 +56,8 @@ class NodeStatus(_message.Message):
     FLEET_PEERS_UP_FIELD_NUMBER: _builtins.int
     FLEET_PEERS_FIELD_NUMBER: _builtins.int
     FLEET_LISTENERS_FIELD_NUMBER: _builtins.int
+    WORKERS_FIELD_NUMBER: _builtins.int
+    WORKERS_UP_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     version: _builtins.str
     uptime_seconds: _builtins.float
@@ -77,6 +79,11 @@ class NodeStatus(_message.Message):
     """Fleet: peers whose watch is up, and the listeners they hold (0 without a fleet key)."""
     fleet_peers: _builtins.int
     fleet_listeners: _builtins.int
+    workers: _builtins.int
+    """Worker processes of this node (--workers) and how many answered this call (1/1 for a
+    single-process node); the counts above are their sums.
+    """
+    workers_up: _builtins.int
     def __init__(
         self,
         *,
@@ -94,10 +101,12 @@ class NodeStatus(_message.Message):
         fleet_peers_up: _builtins.int = ...,
         fleet_peers: _builtins.int = ...,
         fleet_listeners: _builtins.int = ...,
+        workers: _builtins.int = ...,
+        workers_up: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["active_sessions", b"active_sessions", "address", b"address", "bytes_down", b"bytes_down", "bytes_up", b"bytes_up", "fleet_listeners", b"fleet_listeners", "fleet_peers", b"fleet_peers", "fleet_peers_up", b"fleet_peers_up", "listeners", b"listeners", "name", b"name", "refused_sessions", b"refused_sessions", "state", b"state", "total_sessions", b"total_sessions", "uptime_seconds", b"uptime_seconds", "version", b"version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["active_sessions", b"active_sessions", "address", b"address", "bytes_down", b"bytes_down", "bytes_up", b"bytes_up", "fleet_listeners", b"fleet_listeners", "fleet_peers", b"fleet_peers", "fleet_peers_up", b"fleet_peers_up", "listeners", b"listeners", "name", b"name", "refused_sessions", b"refused_sessions", "state", b"state", "total_sessions", b"total_sessions", "uptime_seconds", b"uptime_seconds", "version", b"version", "workers", b"workers", "workers_up", b"workers_up"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -129,6 +138,7 @@ class Session(_message.Message):
     SINCE_FIELD_NUMBER: _builtins.int
     BYTES_UP_FIELD_NUMBER: _builtins.int
     BYTES_DOWN_FIELD_NUMBER: _builtins.int
+    WORKER_FIELD_NUMBER: _builtins.int
     id: _builtins.int
     client: _builtins.str
     """Client address as host:port."""
@@ -140,6 +150,8 @@ class Session(_message.Message):
     """Unix time (seconds) the session was spliced."""
     bytes_up: _builtins.int
     bytes_down: _builtins.int
+    worker: _builtins.int
+    """The worker process serving it (0 for a single-process node); ids are per worker."""
     def __init__(
         self,
         *,
@@ -150,10 +162,11 @@ class Session(_message.Message):
         since: _builtins.float = ...,
         bytes_up: _builtins.int = ...,
         bytes_down: _builtins.int = ...,
+        worker: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["bytes_down", b"bytes_down", "bytes_up", b"bytes_up", "client", b"client", "dialed", b"dialed", "id", b"id", "since", b"since", "target", b"target"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["bytes_down", b"bytes_down", "bytes_up", b"bytes_up", "client", b"client", "dialed", b"dialed", "id", b"id", "since", b"since", "target", b"target", "worker", b"worker"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -388,6 +388,7 @@ class Listener(_message.Message):
     NAME_FIELD_NUMBER: _builtins.int
     VERSION_FIELD_NUMBER: _builtins.int
     STATE_FIELD_NUMBER: _builtins.int
+    WORKER_FIELD_NUMBER: _builtins.int
     listen_id: _builtins.str
     peer: _builtins.str
     """Address the listener's stream comes from."""
@@ -404,6 +405,8 @@ class Listener(_message.Message):
     version: _builtins.str
     state: _builtins.str
     """"online" or "offline" (stream lost; the owner may still take it back)."""
+    worker: _builtins.int
+    """The worker process holding its stream (0 for a single-process node)."""
     def __init__(
         self,
         *,
@@ -419,10 +422,11 @@ class Listener(_message.Message):
         name: _builtins.str = ...,
         version: _builtins.str = ...,
         state: _builtins.str = ...,
+        worker: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["active_sessions", b"active_sessions", "bytes_down", b"bytes_down", "bytes_up", b"bytes_up", "listen_id", b"listen_id", "name", b"name", "peer", b"peer", "pool_parked", b"pool_parked", "pool_size", b"pool_size", "since", b"since", "state", b"state", "total_sessions", b"total_sessions", "version", b"version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["active_sessions", b"active_sessions", "bytes_down", b"bytes_down", "bytes_up", b"bytes_up", "listen_id", b"listen_id", "name", b"name", "peer", b"peer", "pool_parked", b"pool_parked", "pool_size", b"pool_size", "since", b"since", "state", b"state", "total_sessions", b"total_sessions", "version", b"version", "worker", b"worker"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
