@@ -48,9 +48,10 @@ ulimit -n 20000 2>/dev/null || true
 check_ports "${PORTS[@]}"
 
 # -- CPU seconds used by relay processes during one measurement --------------------------------
-cpu_s() {  # cpu_s PID... : utime+stime of the processes, in seconds
-    local total=0 p f
-    for p in "$@"; do
+cpu_s() {  # cpu_s PID... : utime+stime of the processes and their children (workers), in seconds
+    local total=0 p f r kids=()
+    for r in "$@"; do mapfile -t -O "${#kids[@]}" kids < <(pgrep -P "$r"); done
+    for p in "$@" "${kids[@]}"; do
         [ -r "/proc/$p/stat" ] || continue
         f=$(sed 's/.*) //' "/proc/$p/stat" 2>/dev/null) || continue
         # fields after "comm": state=1 ... utime=12 stime=13
