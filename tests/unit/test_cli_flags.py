@@ -15,7 +15,7 @@ EXAMPLES = {
     "mdns_interface": "127.0.0.1", "mdns_types": "_ssh._tcp", "log_level": "debug", "log_format": "json",
     "rl_auth": "open", "connect_auth": "all", "query_auth": "open", "advertise": "198.51.100.1:6969",
     "tls_ca": "/x/ca.pem", "peers": "127.0.0.2:7000", "peers_dns": "relays.example", "keys_file": "/x/keys.toml",
-    "state_dir": "/x/state", "name": "n1", "health_bind": "127.0.0.2",
+    "state_dir": "/x/state", "name": "n1", "health_bind": "127.0.0.2", "worker_accept": "shared",
 }  # fmt: skip
 
 
