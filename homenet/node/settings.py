@@ -153,10 +153,10 @@ class Settings:
     #: Fleet: seconds the listeners of a peer that went away answer 432 moving (then 404).
     moving_hold: float = _opt(10.0, "fleet: seconds a vanished peer's listeners answer 432 moving (default 10)")
     #: Worker processes accepting on the one port; 0: one per core, except 1 with --rl,
-    #: --peers or --peers-dns (a home's traffic runs in its RL worker; a fleet relay is one
-    #: process per pod).
+    #: --peers or --peers-dns. The default is 1: measured on 2 cores, more workers cut the
+    #: connection rate (bench/README.md, "Worker processes").
     workers: int = _opt(
-        0, "worker processes on the one port (default 0: one per core; 1 with --rl, --peers or --peers-dns)"
+        1, "worker processes on the one port (default 1; 0: one per core, but 1 with --rl, --peers or --peers-dns)"
     )
     #: How workers share the port: ``reuseport`` (SO_REUSEPORT, the kernel spreads
     #: connections over one accept queue per worker) or ``shared`` (one queue, one socket).

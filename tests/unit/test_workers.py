@@ -17,11 +17,12 @@ from homenet.node.handoff import Handoff, HandoffError, decode, encode
 from homenet.node.settings import Settings, SettingsError
 
 
-def test_the_default_is_one_worker_per_core_except_for_homes_and_fleet_relays() -> None:
+def test_one_worker_by_default_and_0_is_one_per_core_except_for_homes_and_fleet_relays() -> None:
     assert Settings(workers=3).worker_count == 3
-    assert Settings().worker_count >= 1
-    assert Settings(rl=("hn://relay.example:6969",)).worker_count == 1
-    assert Settings(peers=("10.0.0.2:6969",), fleet_key_file="k").worker_count == 1
+    assert Settings().worker_count == 1
+    assert Settings(workers=0).worker_count >= 1
+    assert Settings(workers=0, rl=("hn://relay.example:6969",)).worker_count == 1
+    assert Settings(workers=0, peers=("10.0.0.2:6969",), fleet_key_file="k").worker_count == 1
 
 
 @pytest.mark.parametrize("bad", [{"workers": -1}, {"workers": 65}, {"worker_accept": "fork"}])
