@@ -70,10 +70,14 @@ async def echo_ok(conn: Conn, payload: bytes) -> bool:
 async def via_listener(relay: NodeProc, listen_id: str, target: str) -> Conn:
     """A session through ``relay`` to ``listen_id`` and on to ``target`` (both replies read)."""
     conn = await node_conn(relay)
-    await conn.send(two_hop_request(listen_id, target))
-    for _ in range(2):
-        reply = await conn.reply()
-        assert reply.raw == OK_REPLY, reply
+    try:
+        await conn.send(two_hop_request(listen_id, target))
+        for _ in range(2):
+            reply = await conn.reply()
+            assert reply.raw == OK_REPLY, reply
+    except BaseException:
+        await conn.close()
+        raise
     return conn
 
 
@@ -142,8 +146,8 @@ async def test_a_killed_worker_is_restarted_and_loses_only_its_sessions(start_no
         async def reachable() -> bool:  # its listener (if the victim held it) reconnected
             try:
                 conn = await via_listener(relay, listen_id, echo.endpoint)
-            except AssertionError:
-                return False
+            except (AssertionError, ConnectionError, OSError, asyncio.IncompleteReadError, TimeoutError):
+                return False  # refused (moving, offline) or cut while the listener comes back
             try:
                 return await echo_ok(conn, b"back\n")
             finally:
