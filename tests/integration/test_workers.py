@@ -81,7 +81,7 @@ async def via_listener(relay: NodeProc, listen_id: str, target: str) -> Conn:
     return conn
 
 
-async def until(what: str, check: object, timeout: float = 10.0) -> None:
+async def until(what: str, check: object, timeout: float = 20.0) -> None:
     """Poll an async ``check`` until it is true (the state changes in another process)."""
     assert callable(check)
     async with asyncio.timeout(timeout):
