@@ -12,7 +12,7 @@
 #   perf    perf record -g (native + kernel symbols) -> WORKLOAD.perf.txt (by DSO, by symbol)
 #   strace  strace -c -f (syscall counts; slows the node a lot: use it for counts per
 #           connection, not for times) -> WORKLOAD.strace.txt
-# Environment: T=10 N=3000 PROFILERS="pyspy perf strace"
+# Environment: T=10 N=3000 PROFILERS="pyspy perf strace" WORKLOADS="tput seq"
 # py-spy: .venv/bin/pip install py-spy ; perf: apt-get install linux-perf
 # shellcheck source-path=SCRIPTDIR disable=SC2034
 set -u
@@ -57,7 +57,7 @@ start_node node $NODE_PORT
 NP=$(pid node)
 log "node pid $NP"
 sleep 1
-for w in tput seq; do
+for w in ${WORKLOADS:-tput seq}; do
     bare $w "$w#bare" | tee "$OUT/$w.bare.json" | cut -c1-200 >&2
     sleep 1
     for prof in $PROFILERS; do

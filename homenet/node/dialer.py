@@ -36,7 +36,31 @@ class Dialed:
     port: int
 
     def __str__(self) -> str:
-        return f"[{self.addr}]:{self.port}" if self.addr.version == 6 else f"{self.addr}:{self.port}"
+        host = host_of(self.addr)
+        return f"[{host}]:{self.port}" if self.addr.version == 6 else f"{host}:{self.port}"
+
+
+#: ``str(addr)`` by family and by the address as an int (hashing an address object costs
+#: about as much as formatting it; an int costs nothing).
+_HOSTS: tuple[dict[int, str], dict[int, str]] = ({}, {})
+
+
+def host_of(addr: IPAddress) -> str:
+    """``str(addr)``, from a bounded cache: targets repeat, and formatting an address costs
+    more than a connection's whole dial decision."""
+    if isinstance(addr, ipaddress.IPv6Address):
+        if addr.scope_id:  # the zone is not in the int
+            return str(addr)
+        hosts = _HOSTS[1]
+    else:
+        hosts = _HOSTS[0]
+    key = int(addr)
+    host = hosts.get(key)
+    if host is None:
+        if len(hosts) >= 4096:
+            hosts.clear()
+        host = hosts[key] = str(addr)
+    return host
 
 
 async def system_resolve(host: str, port: int) -> list[IPAddress]:
@@ -69,6 +93,9 @@ async def listen_socket(host: str, port: int, backlog: int) -> socket.socket:
     return lsock
 
 
+_STREAM_NONBLOCK = socket.SOCK_STREAM | getattr(socket, "SOCK_NONBLOCK", 0)
+
+
 def tune(sock: socket.socket) -> None:
     """Per-socket options of every spliced connection: non-blocking, no Nagle delay."""
     if sock.gettimeout() != 0.0:
@@ -78,22 +105,25 @@ def tune(sock: socket.socket) -> None:
 
 async def connect(addr: IPAddress, port: int, timeout: float) -> socket.socket:
     """Open a TCP connection to ``addr:port`` within ``timeout`` seconds."""
-    family = socket.AF_INET6 if addr.version == 6 else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM | getattr(socket, "SOCK_NONBLOCK", 0))
+    sock = socket.socket(socket.AF_INET6 if addr.version == 6 else socket.AF_INET, _STREAM_NONBLOCK)
     try:
-        tune(sock)
+        if _STREAM_NONBLOCK == socket.SOCK_STREAM:  # no SOCK_NONBLOCK here: the socket blocks
+            sock.setblocking(False)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # what tune() does
         # A plain non-blocking connect: loop.sock_connect() would resolve the literal address
         # again (uvloop sends that through its thread pool), once per session.
-        err = sock.connect_ex((str(addr), port))
-        if err not in (0, errno.EINPROGRESS, errno.EAGAIN):
-            raise OSError(err, os.strerror(err))
+        err = sock.connect_ex((host_of(addr), port))
         if err:
-            if not _connected(sock):  # on loopback it often is already: no loop round trip
+            if err not in (errno.EINPROGRESS, errno.EAGAIN):
+                raise OSError(err, os.strerror(err))
+            # on loopback it often is connected already: no loop round trip, and no SO_ERROR to
+            # read (a connected socket has none)
+            if not _connected(sock):
                 async with asyncio.timeout(timeout):
                     await wait_writable(sock)
-            err = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
-            if err:
-                raise OSError(err, os.strerror(err))
+                err = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+                if err:
+                    raise OSError(err, os.strerror(err))
     except BaseException:
         sock.close()
         raise
@@ -142,12 +172,23 @@ async def _wait(sock: socket.socket, writable: bool) -> None:
 
 async def send_all(sock: socket.socket, data: bytes) -> None:
     """``loop.sock_sendall`` that first tries a plain send (a short reply always fits)."""
-    try:
-        n = sock.send(data)
-    except (BlockingIOError, InterruptedError):
-        n = 0
+    n = send_now(sock, data)
     if n < len(data):
-        await asyncio.get_running_loop().sock_sendall(sock, memoryview(data)[n:])
+        await send_rest(sock, data, n)
+
+
+def send_now(sock: socket.socket, data: bytes) -> int:
+    """What one plain send of ``data`` took (0 when the socket is full); with
+    :func:`send_rest` for the rest, :func:`send_all` without a coroutine in the common case."""
+    try:
+        return sock.send(data)
+    except (BlockingIOError, InterruptedError):
+        return 0
+
+
+async def send_rest(sock: socket.socket, data: bytes, sent: int) -> None:
+    """Send ``data`` from ``sent`` on, waiting for room as needed."""
+    await asyncio.get_running_loop().sock_sendall(sock, memoryview(data)[sent:])
 
 
 async def recv_some(sock: socket.socket, n: int) -> bytes:
@@ -195,8 +236,11 @@ class Dialer:
     async def dial(self, target: Endpoint) -> Dialed:
         """Resolve ``target`` once, drop refused addresses, connect to the first that answers."""
         literal = self._literal(target)
-        if literal is not None:
-            return await self._connect([literal], target)
+        if literal is not None:  # the common case, one coroutine less than the general path
+            try:
+                return Dialed(await connect(literal, target.port, self.timeout), literal, target.port)
+            except (OSError, TimeoutError) as exc:
+                raise self._failed(target, exc) from None
         if not self.policy.allow:  # nothing could pass: refuse without asking DNS
             raise DialError(Code.FORBIDDEN, f"{target} is not allowed here (the node allows no targets)")
         try:
@@ -221,11 +265,14 @@ class Dialer:
     async def _connect(self, allowed: list[IPAddress], target: Endpoint) -> Dialed:
         try:
             sock, addr = await connect_first(allowed, target.port, self.timeout)
-        except TimeoutError:
-            raise DialError(Code.GATEWAY_TIMEOUT, f"{target} did not answer within {self.timeout:g}s") from None
-        except OSError as exc:
-            raise DialError(Code.BAD_GATEWAY, f"{target}: {describe_os_error(exc)}") from None
+        except (OSError, TimeoutError) as exc:
+            raise self._failed(target, exc) from None
         return Dialed(sock, addr, target.port)
+
+    def _failed(self, target: Endpoint, exc: OSError | TimeoutError) -> DialError:
+        if isinstance(exc, TimeoutError):
+            return DialError(Code.GATEWAY_TIMEOUT, f"{target} did not answer within {self.timeout:g}s")
+        return DialError(Code.BAD_GATEWAY, f"{target}: {describe_os_error(exc)}")
 
 
 async def connect_first(addrs: Sequence[IPAddress], port: int, timeout: float) -> tuple[socket.socket, IPAddress]:

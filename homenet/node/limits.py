@@ -9,6 +9,7 @@ affected. Tables are bounded; the clock is injectable.
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import time
 from collections import OrderedDict
@@ -18,9 +19,11 @@ from dataclasses import dataclass
 MAX_TRACKED = 65536
 
 
+@functools.lru_cache(maxsize=8192)
 def source_of(host: str) -> str:
     """The admission unit of a peer address (``host`` or ``host:port``): the IPv4 address or
-    the IPv6 /64."""
+    the IPv6 /64 (cached: the same clients come back, and parsing costs more than a connection's
+    whole admission)."""
     if host.startswith("["):
         host = host[1:].split("]", 1)[0]
     elif host.count(":") == 1:

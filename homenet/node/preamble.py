@@ -60,9 +60,17 @@ class Plane(enum.Enum):
     UNKNOWN = "unknown"
 
 
+_MAGICS = ((MAGIC, Plane.DATA), (GRPC_PREFACE, Plane.GRPC))
+_DATA = Plane.DATA
+
+
 def detect_plane(prefix: bytes) -> Plane | None:
     """Classify a connection by its first bytes; ``None`` means more bytes are needed."""
-    for magic, plane in ((MAGIC, Plane.DATA), (GRPC_PREFACE, Plane.GRPC)):
+    if prefix.startswith(MAGIC):  # the data plane, nearly every connection: one C call
+        return _DATA
+    if not prefix:
+        return None
+    for magic, plane in _MAGICS:
         n = min(len(prefix), len(magic))
         if prefix[:n] == magic[:n]:
             return plane if len(prefix) >= len(magic) else None
@@ -113,6 +121,10 @@ _TOKEN = re.compile(rb"[\x21-\x7e]{1,512}")
 _FIELD_KEY = re.compile(r"[a-z][a-z0-9_-]{0,31}")
 _VERSION = re.compile(rb"HN/(0|[1-9][0-9]{0,2})")
 _CODE = re.compile(rb"[1-5][0-9]{2}")
+_VERBS = {v.value.encode("ascii"): v for v in Verb}
+#: A well-formed request line of this version without fields (what a plain CONNECT sends):
+#: parsed with one match; anything else takes the checking path and its exact error.
+_PLAIN_REQUEST = re.compile(rb"HN/1 (CONNECT|TICKET|POOL) ([\x21-\x7e]{1,512})")
 
 
 def encode_request(verb: Verb, arg: str, fields: dict[str, str] | None = None) -> bytes:
@@ -144,35 +156,41 @@ def encode_reply(code: Code, reason: str = "", fields: dict[str, str] | None = N
 class _LineReader:
     """Buffers bytes until one newline-terminated line of at most MAX_LINE bytes."""
 
+    __slots__ = ("_buf", "_eof", "_max", "_what")
+
     def __init__(self, what: str, max_line: int) -> None:
-        self._buf = bytearray()
+        # bytes, not a bytearray: a preamble nearly always comes in one read, which is then
+        # kept as it is (no copy in, no copy out)
+        self._buf = b""
         self._what = what
         self._max = max_line
         self._eof = False
 
     def receive_data(self, data: bytes) -> None:
+        """Feed bytes as they came; ``b""`` means EOF."""
         if self._eof and data:
             raise RuntimeError("data after EOF")  # local bug: the caller fed past EOF
         if not data:
             self._eof = True
-        self._buf += data
+        self._buf = self._buf + bytes(data) if self._buf else bytes(data)
 
     def take_line(self) -> bytes | None:
-        nl = self._buf.find(b"\n", 0, self._max)
+        buf = self._buf
+        nl = buf.find(b"\n", 0, self._max)
         if nl < 0:
-            if len(self._buf) >= self._max:
+            if len(buf) >= self._max:
                 raise ProtocolError(Code.TOO_LARGE, f"{self._what} longer than {self._max} bytes")
             if self._eof:
-                what = "connection closed" if not self._buf else f"truncated {self._what}"
+                what = "connection closed" if not buf else f"truncated {self._what}"
                 raise ProtocolError(Code.BAD_REQUEST, what)
             return None
-        line = bytes(self._buf[:nl])
-        del self._buf[: nl + 1]
+        line = buf[:nl]
+        self._buf = buf[nl + 1 :]
         return line[:-1] if line.endswith(b"\r") else line
 
     def trailing(self) -> bytes:
-        out = bytes(self._buf)
-        self._buf.clear()
+        """Bytes received after the last line taken (taken once)."""
+        out, self._buf = self._buf, b""
         return out
 
 
@@ -192,39 +210,38 @@ def _split_version(line: bytes, what: str) -> list[bytes]:
     return parts
 
 
-class RequestParser:
+class RequestParser(_LineReader):
     """Parses the requests a client sends, one per hop; sans-IO.
 
     Feed bytes with :meth:`receive_data`, then call :meth:`next_event` until it returns
-    ``NEED_DATA``. After a :class:`Request`, :meth:`trailing` returns the bytes that followed it.
+    ``NEED_DATA``. After a :class:`Request`, :meth:`trailing` returns the bytes that followed it
+    (they belong to the next hop). One object per connection, so the line buffer is its base
+    class rather than a second object.
     """
 
-    def __init__(self, max_line: int = MAX_LINE) -> None:
-        self._lines = _LineReader("request line", max_line)
+    __slots__ = ()
 
-    def receive_data(self, data: bytes) -> None:
-        self._lines.receive_data(data)
+    def __init__(self, max_line: int = MAX_LINE) -> None:
+        super().__init__("request line", max_line)
 
     def next_event(self) -> Request | _NeedData:
-        line = self._lines.take_line()
+        line = self.take_line()
         if line is None:
             return NEED_DATA
         return parse_request_line(line)
 
-    def trailing(self) -> bytes:
-        """Bytes received after the last request returned (they belong to the next hop)."""
-        return self._lines.trailing()
-
 
 def parse_request_line(line: bytes) -> Request:
     """Parse one request line (without its terminator)."""
+    m = _PLAIN_REQUEST.fullmatch(line)
+    if m is not None:
+        return Request(_VERBS[m.group(1)], m.group(2).decode("ascii"), {})
     parts = _split_version(line, "request")
     if len(parts) < 3:
         raise ProtocolError(Code.BAD_REQUEST, "request needs HN/1 VERB ARGUMENT")
-    try:
-        verb = Verb(parts[1].decode("ascii"))
-    except ValueError:
-        raise ProtocolError(Code.BAD_REQUEST, f"unknown verb {parts[1][:32].decode('ascii')!r}") from None
+    verb = _VERBS.get(parts[1])
+    if verb is None:
+        raise ProtocolError(Code.BAD_REQUEST, f"unknown verb {parts[1][:32].decode('ascii')!r}")
     extra = parts[3:]
     if len(extra) > MAX_FIELDS:
         raise ProtocolError(Code.BAD_REQUEST, f"more than {MAX_FIELDS} fields")
@@ -237,24 +254,20 @@ def parse_request_line(line: bytes) -> Request:
     return Request(verb, parts[2].decode("ascii"), fields)
 
 
-class ReplyParser:
-    """Parses the replies a node sends, one per request; sans-IO (client side)."""
+class ReplyParser(_LineReader):
+    """Parses the replies a node sends, one per request; sans-IO (client side). After the
+    last reply, :meth:`trailing` returns the target's first bytes."""
+
+    __slots__ = ()
 
     def __init__(self, max_line: int = MAX_LINE) -> None:
-        self._lines = _LineReader("reply line", max_line)
-
-    def receive_data(self, data: bytes) -> None:
-        self._lines.receive_data(data)
+        super().__init__("reply line", max_line)
 
     def next_event(self) -> Reply | _NeedData:
-        line = self._lines.take_line()
+        line = self.take_line()
         if line is None:
             return NEED_DATA
         return parse_reply_line(line)
-
-    def trailing(self) -> bytes:
-        """Bytes received after the last reply (the target's first bytes)."""
-        return self._lines.trailing()
 
 
 def parse_reply_line(line: bytes) -> Reply:

@@ -14,7 +14,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from homenet.node.dialer import send_all
+from homenet.node.dialer import send_now, send_rest
 from homenet.node.errors import Code
 from homenet.node.log import fields
 from homenet.node.preamble import encode_reply
@@ -86,6 +86,7 @@ class SessionTable:
         self._ids = itertools.count(1)
         self._idle = asyncio.Event()
         self._idle.set()
+        self._loop: asyncio.AbstractEventLoop | None = None
 
     def __len__(self) -> int:
         return len(self.live)
@@ -109,9 +110,16 @@ class SessionTable:
         """Reply OK, hand ``early`` (the client's pipelined bytes) over, splice client <-> target."""
         info = SessionInfo(next(self._ids), peer, name, target.dialed, time.time())
         try:
-            await send_all(client, _OK + target.to_client)
+            # plain sends first: a reply line and a first payload nearly always fit at once
+            reply = _OK + target.to_client if target.to_client else _OK
+            sent = send_now(client, reply)
+            if sent < len(reply):
+                await send_rest(client, reply, sent)
             if target.greeting or early:
-                await send_all(target.sock, target.greeting + early)
+                first = target.greeting + early
+                sent = send_now(target.sock, first)
+                if sent < len(first):
+                    await send_rest(target.sock, first, sent)
         except BaseException:
             target.sock.close()
             if target.on_close is not None:
@@ -123,11 +131,14 @@ class SessionTable:
             if target.on_close is not None:
                 target.on_close(info)
 
-        sp = Splice(client, target.sock, self.pool, idle_timeout=self.idle_timeout, on_close=closed)
+        if self._loop is None:  # asked once: get_running_loop() costs a getpid() syscall
+            self._loop = asyncio.get_running_loop()
+        sp = Splice(client, target.sock, self.pool, idle_timeout=self.idle_timeout, on_close=closed, loop=self._loop)
         sp.up.bytes = len(early)  # pipelined payload already delivered above
         info.splice = sp
+        if not self.live:
+            self._idle.clear()
         self.live[info.id] = info
-        self._idle.clear()
         sp.start()
         if log.isEnabledFor(logging.DEBUG):
             log.debug("session.open", extra=fields(id=info.id, client=peer, target=name, dialed=target.dialed))

@@ -190,7 +190,7 @@ class _Direction:
             self.finish()
             return 0
         self.pending = n
-        self.splice.touch()
+        self.splice.last_active = self.loop.time()
         return n
 
     def flush(self) -> bool:
@@ -228,9 +228,11 @@ class _Direction:
             return
         self.done = True
         self.release()
-        with contextlib.suppress(OSError):
-            self.dst.shutdown(socket.SHUT_WR)
-        self.splice.direction_done()
+        sp = self.splice
+        if not (sp.up.done and sp.down.done):  # else both sockets close next, and close() sends the FIN
+            with contextlib.suppress(OSError):
+                self.dst.shutdown(socket.SHUT_WR)
+        sp.direction_done()
 
 
 class Splice:
