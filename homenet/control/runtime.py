@@ -32,6 +32,7 @@ from homenet.node.handoff import Handoff
 from homenet.node.keys import ensure_first_key, parse_key_ref
 from homenet.node.log import fields
 from homenet.node.remote import FixedTarget
+from homenet.node.replay import ReplayTable
 from homenet.node.settings import Settings
 from homenet.node.tls import client_context
 
@@ -158,13 +159,15 @@ class NodeRuntime:
             else None
         )
         node_id = secrets.token_hex(8)
+        #: Nonces accepted by any worker of this node (a token is good once per node, not per worker).
+        self.replay = ReplayTable(spec.replay_file) if spec is not None else None
         self.handoff = (
             Handoff(spec.handoffs[spec.index], spec.sibling_handoffs(), self._handed) if spec is not None else None
         )
-        self.fleet, self.links = _fleet(settings, node_id, self.handoff)
+        self.fleet, self.links = _fleet(settings, node_id, self.handoff, self.replay)
         self.core: Core = assemble(
             settings, discovery, node_id=node_id, fleet=self.fleet,
-            fleet_queries=self.links.query if self.links is not None else None,
+            fleet_queries=self.links.query if self.links is not None else None, replay=self.replay,
         )  # fmt: skip
         core = self.core
         fleet_auth = Authorizer(self.fleet.verifier, core.limiter) if self.fleet is not None else None
@@ -301,9 +304,13 @@ class NodeRuntime:
         await core.node.close()
         await self.control.stop(0)
         await self.control.stop_health()
+        if self.replay is not None:
+            self.replay.close()
 
 
-def _fleet(settings: Settings, node_id: str, handoff: Handoff | None) -> tuple[Fleet | None, PeerLinks | None]:
+def _fleet(
+    settings: Settings, node_id: str, handoff: Handoff | None, replay: ReplayTable | None
+) -> tuple[Fleet | None, PeerLinks | None]:
     """This relay's fleet parts, if it has a fleet key (no key: it peers with nobody). A
     worker's fleet is its siblings: plaintext on their private loopback ports, connections
     handed over instead of relayed."""
@@ -316,8 +323,9 @@ def _fleet(settings: Settings, node_id: str, handoff: Handoff | None) -> tuple[F
     if settings.tls_cert and handoff is None:
         tls = client_context(settings.tls_ca, settings.tls_cert, settings.tls_key)
     fleet = Fleet(
-        key, node_id, directory, LocalFeed(), settings.dial_timeout, links.ask, tls, settings.peer_tls_name, handoff
-    )
+        key, node_id, directory, LocalFeed(), settings.dial_timeout, links.ask, tls, settings.peer_tls_name, handoff,
+        replay,
+    )  # fmt: skip
     return fleet, links
 
 

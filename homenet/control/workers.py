@@ -43,6 +43,7 @@ from typing import Any
 from homenet.node.address import Endpoint
 from homenet.node.keys import KeyStore, ensure_first_key, new_secret
 from homenet.node.log import fields
+from homenet.node.replay import ReplayTable
 from homenet.node.settings import Settings
 
 log = logging.getLogger("homenet.workers")
@@ -73,6 +74,8 @@ class WorkerSpec:
     #: Every worker's handoff Unix socket, by index.
     handoffs: tuple[str, ...]
     fleet_key_file: str
+    #: The replay table every worker checks nonces in (:mod:`homenet.node.replay`).
+    replay_file: str
     private_fd: int
     #: The shared listening socket (``shared`` mode), or -1: bind the port with SO_REUSEPORT.
     public_fd: int
@@ -197,6 +200,7 @@ class Supervisor:
     def _prepare(self) -> None:
         s = self.settings
         self._first_key()
+        ReplayTable.create(self._dir / "replay.table")  # outlives a worker's restart
         if s.fleet_key_file:
             self._key_file = s.fleet_key_file
         else:  # the workers' own fleet, for this run only
@@ -232,6 +236,7 @@ class Supervisor:
             siblings=tuple(f"127.0.0.1:{x.private.getsockname()[1]}" for x in self._workers),
             handoffs=tuple(str(self._dir / f"w{x.index}.sock") for x in self._workers),
             fleet_key_file=self._key_file,
+            replay_file=str(self._dir / "replay.table"),
             private_fd=w.private.fileno(),
             public_fd=self._shared.fileno() if self._shared is not None else -1,
             bind=self.settings.bind,

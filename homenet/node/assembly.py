@@ -19,6 +19,7 @@ from homenet.node.limits import SourceLimiter
 from homenet.node.policy import TargetPolicy
 from homenet.node.query import FleetQueries, QueryRouter
 from homenet.node.relay import Relay, RelaySettings
+from homenet.node.replay import ReplayTable
 from homenet.node.router import Router
 from homenet.node.server import Node
 from homenet.node.settings import Settings
@@ -61,11 +62,13 @@ def assemble(
     node_id: str | None = None,
     fleet: Fleet | None = None,
     fleet_queries: FleetQueries | None = None,
+    replay: ReplayTable | None = None,
 ) -> Core:
     """Every part of a node for ``settings`` (nothing started yet); ``fleet`` (built by the
-    composition root, which owns the peer links) makes the relay role one of a fleet."""
+    composition root, which owns the peer links) makes the relay role one of a fleet; ``replay``
+    is the replay table the workers of one node share."""
     keys = KeyStore(settings.keys_path)
-    verifier = Verifier(keys)
+    verifier = Verifier(keys, shared=replay)
     limiter = SourceLimiter(
         max_total=settings.max_handshakes,
         max_per_source=settings.max_per_source,

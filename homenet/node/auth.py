@@ -25,6 +25,7 @@ from homenet.node.errors import Code, HomeNetError
 from homenet.node.keys import Key, Secret
 from homenet.node.limits import SourceLimiter
 from homenet.node.log import fields
+from homenet.node.replay import ReplayTable, ReplayTableFull
 
 log = logging.getLogger("homenet.auth")
 
@@ -73,12 +74,20 @@ class KeyLookup(Protocol):
 
 
 class Verifier:
-    """Checks tokens against a :class:`KeyStore`; owns the replay cache."""
+    """Checks tokens against a :class:`KeyStore`; owns the replay cache (and checks the one the
+    processes of a multi-worker node share, ``shared``, after its own)."""
 
-    def __init__(self, keys: KeyLookup, clock: Callable[[], float] = time.time, skew: float = SKEW) -> None:
+    def __init__(
+        self,
+        keys: KeyLookup,
+        clock: Callable[[], float] = time.time,
+        skew: float = SKEW,
+        shared: ReplayTable | None = None,
+    ) -> None:
         self.keys = keys
         self.clock = clock
         self.skew = skew
+        self.shared = shared
         self._seen: dict[str, OrderedDict[str, float]] = {}  # key id -> nonce -> forget after
 
     def verify(self, context: str, token: dict[str, str], role: str) -> Key:
@@ -102,7 +111,15 @@ class Verifier:
             raise AuthError("replayed credentials")
         if len(seen) >= REPLAY_CACHE:
             raise AuthError(f"key {kid} logs in too often; retry in a minute", forbidden=True)
-        seen[nonce] = now + 2 * self.skew
+        until = now + 2 * self.skew
+        if self.shared is not None:
+            try:
+                if not self.shared.claim(kid, nonce, now, until):
+                    raise AuthError("replayed credentials")
+            except ReplayTableFull:
+                busy = "this node took too many logins in the last 2 minutes; retry in a minute"
+                raise AuthError(busy, forbidden=True) from None
+        seen[nonce] = until
         if not key.allows(role):
             raise AuthError(f"key {kid} lacks the {role} role", forbidden=True)
         return key

@@ -38,6 +38,7 @@ from homenet.node.errors import Code, RouteError
 from homenet.node.handoff import HandedOff, Handoff, HandoffError
 from homenet.node.keys import Key, Secret, key_from_file
 from homenet.node.preamble import ProtocolError, ReplyParser, Verb, encode_request
+from homenet.node.replay import ReplayTable
 from homenet.node.sessions import Target
 from homenet.node.splice import Splices
 from homenet.node.tls import TLSError, connect_tls
@@ -308,6 +309,7 @@ class Fleet:
         tls: ssl.SSLContext | None = None,
         tls_name: str | None = None,
         handoff: Handoff | None = None,
+        replay: ReplayTable | None = None,
     ) -> None:
         self.key = key
         self.relay_id = relay_id
@@ -317,7 +319,7 @@ class Fleet:
         self.feed = feed
         self.dial_timeout = dial_timeout
         self.ask = ask
-        self.verifier = Verifier(key)
+        self.verifier = Verifier(key, shared=replay)
         self.splices = Splices()
         #: listenIds no peer had, until when (bounded); asks in flight, shared by their askers.
         self._misses: OrderedDict[str, float] = OrderedDict()

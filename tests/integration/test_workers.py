@@ -18,6 +18,9 @@ from pathlib import Path
 import pytest
 
 from homenet.control.v1 import node_pb2, node_pb2_grpc
+from homenet.node.auth import Credentials
+from homenet.node.keys import client_key
+from homenet.node.preamble import Verb, encode_request
 from tests.conftest import StartNode
 from tests.helpers import NodeProc, echo_server, node_args
 from tests.integration.rl_support import start_home, two_hop_request
@@ -26,6 +29,7 @@ from tests.integration.support import (
     Conn,
     admin_metadata,
     channel,
+    dial,
     hnctl,
     node_conn,
     open_session,
@@ -187,6 +191,26 @@ async def test_one_shared_socket(start_node: StartNode) -> None:
                 await conn.close()
         st = await wait_status(relay, "counted", lambda s: s.total_sessions == SESSIONS)
         assert st.workers_up == 2
+
+
+async def test_a_signed_request_is_good_once_per_node_not_once_per_worker(start_node: StartNode) -> None:
+    async with echo_server() as echo:
+        relay = await start_node(args=relay_args("--connect-auth", "direct"))
+        found = client_key(key_file=str(relay.stderr_path.parent / "state" / "keys.toml"), env={})
+        assert found is not None
+        hop = echo.endpoint
+        line = encode_request(Verb.CONNECT, hop, Credentials(*found).token(f"HN/1 CONNECT {hop}"))
+        codes = []
+        for i in range(SESSIONS):  # the same captured line, again and again, landing on both workers
+            # one source per attempt: each replay is a failed login, and 5 from one source block it
+            conn = await dial(relay.host, relay.port, source=f"127.0.0.{10 + i}")
+            try:
+                await conn.send(line)
+                codes.append((await conn.reply()).code)
+            finally:
+                await conn.close()
+        assert codes == [200] + [401] * (SESSIONS - 1), codes
+        assert echo.connections == 1
 
 
 def _admin_env(node: NodeProc) -> dict[str, str]:

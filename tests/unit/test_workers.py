@@ -42,6 +42,7 @@ def _spec(index: int) -> WorkerSpec:
         siblings=("127.0.0.1:4001", "127.0.0.1:4002", "127.0.0.1:4003"),
         handoffs=("/d/w0.sock", "/d/w1.sock", "/d/w2.sock"),
         fleet_key_file="/d/fleet.key",
+        replay_file="/d/replay.table",
         private_fd=5,
         public_fd=-1,
         bind="0.0.0.0",
