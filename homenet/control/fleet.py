@@ -123,6 +123,10 @@ class FleetServicer(fleet_pb2_grpc.FleetServiceServicer):
     async def Peers(
         self, request: fleet_pb2.PeersRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> fleet_pb2.PeersResponse:
+        return self.peers(request.with_entries)
+
+    def peers(self, with_entries: bool = False) -> fleet_pb2.PeersResponse:
+        """This relay and its peers as it sees them."""
         if self.fleet is None:
             return fleet_pb2.PeersResponse(self=self.identity.pb())
         d = self.fleet.directory
@@ -134,7 +138,7 @@ class FleetServicer(fleet_pb2_grpc.FleetServiceServicer):
                 listeners=len(v.entries), last_seen_seconds=round(now - v.last_seen, 3) if v.last_seen else 0.0,
                 forwarded=v.forwarded, error=v.error,
             )  # fmt: skip
-            if request.with_entries:
+            if with_entries:
                 peer.entries.extend(to_entry_pb(e) for e in sorted(v.entries.values(), key=lambda e: e.listen_id))
             peers.append(peer)
         return fleet_pb2.PeersResponse(self=self.identity.pb(), peers=peers, moving=d.moving_count())

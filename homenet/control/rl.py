@@ -199,11 +199,18 @@ class RLClient:
         self._target_ep = ""
         self._ever_registered = False
         self._fresh = ""
+        #: Registered on a live stream now (for metrics).
+        self.connected = False
         self._stream = Reconnecting(str(opts.route), self._session, opts.backoff_max, log, "rl.reconnecting")
 
     @property
     def url(self) -> str:
         return f"{self.opts.route}/{self.listen_id}"
+
+    @property
+    def reconnects(self) -> int:
+        """Streams lost and opened again."""
+        return self._stream.reconnects
 
     async def _target(self) -> str:
         route = self.opts.route
@@ -265,7 +272,7 @@ class RLClient:
         registered = False  # a refusal after a good registration is not a refusal of it
         try:
             reg = await self._register(stream, listen_id, secret)
-            registered = True
+            registered = self.connected = True
             await self._serve_events(stream, reg)
         except grpc.aio.AioRpcError as exc:
             raise self._refusal(exc, listen_id, registered) from None
@@ -274,6 +281,7 @@ class RLClient:
         except OSError as exc:
             raise Disconnected(str(exc)) from None
         finally:
+            self.connected = False
             stream.call.cancel()
             with contextlib.suppress(Exception):
                 await channel.close(None)

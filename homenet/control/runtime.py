@@ -13,12 +13,15 @@ import signal
 import socket
 from collections.abc import AsyncIterator, Callable
 
+from homenet.control.admin import AdminServer
 from homenet.control.auth import AuthInterceptor
+from homenet.control.console import pages
 from homenet.control.discovery import DiscoveryServicer
 from homenet.control.fleet import FleetServicer, Identity, PeerLinks
+from homenet.control.metrics import NodeCollector, RLView, exposition, registry_for
 from homenet.control.relay import RelayServicer
 from homenet.control.rl import IdentityBusy, Refused, RLClient, RLOptions
-from homenet.control.server import ControlServer
+from homenet.control.server import ControlServer, NodeServicer
 from homenet.control.siblings import Siblings
 from homenet.control.v1 import discovery_pb2_grpc, fleet_pb2_grpc, relay_pb2_grpc
 from homenet.control.workers import Supervisor, WorkerSpec, public_socket
@@ -181,7 +184,7 @@ class NodeRuntime:
             [AuthInterceptor(settings, core.authorizer, core.node.grpc, fleet_auth, sibling_key)]
         )
         fleet_counts = self.fleet.directory.counts if self.fleet is not None and spec is None else None
-        self.control.add_node(core.node, core.relay.registry.online_count, fleet_counts, self.siblings)
+        node_servicer = self.control.add_node(core.node, core.relay.registry.online_count, fleet_counts, self.siblings)
         relay_pb2_grpc.add_RelayServiceServicer_to_server(
             RelayServicer(
                 core.relay, core.node.grpc, settings.name, self.links.kick if self.links else None, self.siblings
@@ -191,15 +194,33 @@ class NodeRuntime:
         discovery_pb2_grpc.add_DiscoveryServiceServicer_to_server(DiscoveryServicer(core.queries), self.control.server)
         name = f"{settings.name} (worker {spec.index})" if spec is not None else settings.name
         identity = Identity(node_id, name, lambda: str(core.node.private_address or core.node.address))
-        fleet_pb2_grpc.add_FleetServiceServicer_to_server(
-            FleetServicer(self.fleet, core.relay, identity), self.control.server
-        )
+        fleet_servicer = FleetServicer(self.fleet, core.relay, identity)
+        fleet_pb2_grpc.add_FleetServiceServicer_to_server(fleet_servicer, self.control.server)
         self.listeners = Listeners(
             [RLClient(rl_options(settings, u, core.node_id), self._serve, self._listening, core.queries.query)
              for u in settings.rl]
         )  # fmt: skip
+        self.admin = self._admin(node_servicer, fleet_servicer) if settings.metrics_bind else None
         self.advertiser: Advertiser | None = None
         self._background: set[asyncio.Task[None]] = set()
+
+    def _admin(self, node: NodeServicer, fleet: FleetServicer) -> AdminServer:
+        """The metrics and dashboard server (started with the node)."""
+        core, s = self.core, self.settings
+        views = [
+            RLView(str(c.opts.route), lambda c=c: c.connected, lambda c=c: c.reconnects)  # type: ignore[misc]
+            for c in self.listeners.clients
+        ]
+        collector = NodeCollector(
+            s.name, core.node, core.relay, core.limiter, core.discovery,
+            self.fleet.directory if self.fleet is not None else None, views,
+        )  # fmt: skip
+        registry = registry_for(collector)
+        tls = core.node.tls if not s.metrics_open else None
+        return AdminServer(
+            pages(lambda: exposition(registry), node, core.relay, fleet),
+            core.keys, core.limiter, open_access=s.metrics_open, tls=tls,
+        )  # fmt: skip
 
     async def _serve(self, sock: socket.socket, desc: str, early: bytes, depth: int) -> None:
         self.core.node.serve_accepted(sock, desc, early, depth)
@@ -251,6 +272,12 @@ class NodeRuntime:
                 self.handoff.start()
             else:
                 await core.node.start()
+            if self.admin is not None:
+                host, port = self.settings.metrics_endpoint() or ("127.0.0.1", 0)
+                bound = await self.admin.start(host, port)
+                where = f"[{bound[0]}]" if ":" in bound[0] else bound[0]
+                scheme = "https" if self.admin.tls is not None else "http"
+                log.info("admin.listening", extra=fields(url=f"{scheme}://{where}:{bound[1]}/"))
             if core.discovery is not None:
                 await core.discovery.start()
                 if spec is None or spec.index == 0:  # one record per node
@@ -300,6 +327,8 @@ class NodeRuntime:
             self.handoff.close()
         if self.siblings is not None:
             await self.siblings.close()
+        if self.admin is not None:
+            await self.admin.close()
         await core.relay.close()
         await core.node.close()
         await self.control.stop(0)

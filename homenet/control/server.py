@@ -47,6 +47,13 @@ class NodeServicer(node_pb2_grpc.NodeServiceServicer):
     async def GetStatus(
         self, request: node_pb2.GetStatusRequest, context: grpc.aio.ServicerContext[object, object]
     ) -> node_pb2.NodeStatus:
+        own = self.own_status()
+        if self.siblings is None or is_local(context):
+            return own
+        return merge_status(own, await self.siblings.statuses(), self.siblings.count)
+
+    def own_status(self) -> node_pb2.NodeStatus:
+        """This process's status (a worker's own, without its siblings')."""
         n = self.node
         t = self.sessions.totals
         up, peers, on_peers = self.fleet() if self.fleet is not None else (0, 0, 0)
@@ -68,15 +75,21 @@ class NodeServicer(node_pb2_grpc.NodeServiceServicer):
             workers=1,
             workers_up=1,
         )
-        if self.siblings is None or is_local(context):
-            return own
-        return merge_status(own, await self.siblings.statuses(), self.siblings.count)
+        return own
 
     async def ListSessions(
         self, request: node_pb2.ListSessionsRequest, context: grpc.aio.ServicerContext[object, object]
     ) -> node_pb2.ListSessionsResponse:
+        own = self.own_sessions()
+        if self.siblings is not None and not is_local(context):
+            own.extend(await self.siblings.sessions())
+            own.sort(key=lambda s: (s.since, s.worker, s.id))
+        return node_pb2.ListSessionsResponse(sessions=own)
+
+    def own_sessions(self) -> list[node_pb2.Session]:
+        """This process's live sessions, oldest first."""
         worker = self.siblings.index if self.siblings is not None else 0
-        own = [
+        return [
             node_pb2.Session(
                 id=s.id,
                 client=s.client,
@@ -89,10 +102,6 @@ class NodeServicer(node_pb2_grpc.NodeServiceServicer):
             )
             for s in sorted(self.sessions.live.values(), key=lambda s: s.id)
         ]
-        if self.siblings is not None and not is_local(context):
-            own.extend(await self.siblings.sessions())
-            own.sort(key=lambda s: (s.since, s.worker, s.id))
-        return node_pb2.ListSessionsResponse(sessions=own)
 
 
 class ControlServer:
@@ -121,8 +130,10 @@ class ControlServer:
         listeners: Callable[[], int],
         fleet: Callable[[], tuple[int, int, int]] | None = None,
         siblings: Siblings | None = None,
-    ) -> None:
-        node_pb2_grpc.add_NodeServiceServicer_to_server(NodeServicer(node, listeners, fleet, siblings), self.server)
+    ) -> NodeServicer:
+        servicer = NodeServicer(node, listeners, fleet, siblings)
+        node_pb2_grpc.add_NodeServiceServicer_to_server(servicer, self.server)
+        return servicer
 
     async def start(self) -> tuple[str, int]:
         """Register health and reflection, bind 127.0.0.1:0, start; returns the endpoint."""

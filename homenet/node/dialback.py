@@ -16,6 +16,7 @@ from homenet.node.connection import Handshake
 from homenet.node.errors import Code, RouteError
 from homenet.node.limits import SourceLimiter, source_of
 from homenet.node.listeners import Incoming, Listener, ListenerSession
+from homenet.node.stats import bump
 from homenet.node.tickets import TicketBook, TicketError
 
 #: Ticket kinds in the relay's one ticket book.
@@ -58,6 +59,8 @@ class DialBacks:
         self.ttl = ttl
         #: Where listeners dial back to (this relay's own address behind a load balancer).
         self.endpoint = endpoint
+        #: Dial-backs by outcome: ok, failed (the listener could not dial), timeout (for metrics).
+        self.outcomes: dict[str, int] = {}
 
     async def wait(self, lst: Listener, session: ListenerSession, client: str) -> socket.socket:
         """Ask ``lst`` to dial back for ``client`` and wait for the connection."""
@@ -70,8 +73,14 @@ class DialBacks:
         session.send(Incoming(wire_ticket(self.prefix, ticket), client, self.ttl, self.endpoint))
         try:
             async with asyncio.timeout(self.ttl):
-                return await fut
+                sock = await fut
+            bump(self.outcomes, "ok")
+            return sock
+        except RouteError:
+            bump(self.outcomes, "failed")
+            raise
         except TimeoutError:
+            bump(self.outcomes, "timeout")
             if fut.done() and not fut.cancelled() and fut.exception() is None:
                 fut.result().close()  # arrived at the last moment: nobody will use it
             raise RouteError(

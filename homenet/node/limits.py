@@ -83,6 +83,9 @@ class SourceLimiter:
         self.queued: dict[str, int] = {}
         self.total = 0
         self._records: OrderedDict[str, _Record] = OrderedDict()
+        #: Failed logins, and the blocks they caused, since start (for metrics).
+        self.failures_total = 0
+        self.penalties_total = 0
 
     def admit(self, source: str) -> str | None:
         """Start a handshake for ``source``; returns why not, or None (then call :meth:`release`)."""
@@ -133,6 +136,7 @@ class SourceLimiter:
     def failed(self, source: str) -> bool:
         """Record a failed authentication; True if the source is now blocked."""
         now = self.clock()
+        self.failures_total += 1
         rec = self._records.get(source)
         if rec is None:
             rec = self._records[source] = _Record()
@@ -146,5 +150,11 @@ class SourceLimiter:
             rec.strikes += 1
             rec.blocked_until = now + min(self.max_penalty, self.penalty * 2 ** (rec.strikes - 1))
             rec.failures = 0
+            self.penalties_total += 1
             return True
         return False
+
+    def blocked_count(self) -> int:
+        """Sources blocked now."""
+        now = self.clock()
+        return sum(1 for rec in self._records.values() if rec.blocked_until > now)

@@ -40,6 +40,9 @@ class ParkedPool:
         self.max_age = max_age
         self.endpoint = endpoint
         self._parked_at: dict[int, float] = {}
+        #: Clients served from a parked connection, and clients that found none (for metrics).
+        self.hits = 0
+        self.misses = 0
 
     def park(self, hs: Handshake) -> bool:
         """``HN/1 POOL <ticket>``: a listener parks a warm connection."""
@@ -74,11 +77,13 @@ class ParkedPool:
                     sock.close()
                     continue
             except BlockingIOError:
+                self.hits += 1
                 return sock  # alive and silent: good
             except OSError:
                 sock.close()
                 continue
             sock.close()  # it sent bytes unasked
+        self.misses += 1
         return None
 
     def refill(self, lst: Listener) -> None:

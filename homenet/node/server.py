@@ -40,6 +40,7 @@ from homenet.node.router import Router
 from homenet.node.sessions import SessionTable, Target
 from homenet.node.settings import Settings
 from homenet.node.splice import CarrierPool, Splices
+from homenet.node.stats import Histogram, bump
 from homenet.node.tls import ALPN_GRPC, TLSError, accept_tls, server_context
 
 log = logging.getLogger("homenet.node")
@@ -70,6 +71,11 @@ class GrpcPlane:
         self.endpoint: tuple[str, int] | None = None
         self._peers: dict[int, str] = {}
         self._splices = Splices(pool)
+
+    @property
+    def open_count(self) -> int:
+        """gRPC connections open now."""
+        return len(self._peers)
 
     def peer_of(self, local_port: int) -> str | None:
         """The real client of a gRPC connection, by the port it reaches the control server from."""
@@ -135,6 +141,15 @@ class Node:
         self._handshakes: set[asyncio.Task[None]] = set()
         #: Handshakes that came on a plaintext private port (a worker's, for its siblings).
         self._plain: set[Handshake] = set()
+        #: Connections that ended their handshake, by (plane, outcome): the plane is data,
+        #: listener (a listener's dial-back or pool connection), grpc or unknown; the outcome a
+        #: reply code ("200": served), "tls" (TLS failed), "closed" (gone before its first
+        #: bytes), "io".
+        self.outcomes: dict[tuple[str, str], int] = {}
+        #: Accept -> plane known and its preamble read; accept -> a CONNECT spliced to its target.
+        self.handshake_seconds = Histogram()
+        self.setup_seconds = Histogram()
+        self._loop: asyncio.AbstractEventLoop | None = None
 
     # -- lifecycle ---------------------------------------------------------------------------
     async def start(self, public: socket.socket | None = None, private: socket.socket | None = None) -> None:
@@ -151,6 +166,7 @@ class Node:
             self.add_own(self.private_address)
         self.started = time.time()
         self.state = "serving"
+        self._loop = asyncio.get_running_loop()
         log.info("node.listening", extra=fields(address=self.url, name=self.settings.name))
 
     def add_own(self, ep: Endpoint) -> None:
@@ -227,6 +243,8 @@ class Node:
 
     async def _handshake(self, hs: Handshake) -> None:
         spliced = False
+        plane: Plane | None = None
+        outcome = "closed"
         try:
             async with asyncio.timeout_at(self._deadline(hs)):
                 if self.tls is not None and hs.source is not None and hs not in self._plain:
@@ -245,19 +263,27 @@ class Node:
                 preamble, serve = found
                 if preamble is not None:
                     await preamble(hs, buf)
+            self.handshake_seconds.observe(self._now() - hs.since)
             spliced = await serve(hs, buf)
+            outcome = "200"
         except TLSError as exc:
+            outcome = "tls"
             self.sessions.refused()
             log.info("session.refused", extra=fields(peer=hs.peer, reason=str(exc)))
         except HomeNetError as exc:
+            outcome = str(int(exc.code))
             self._refuse(hs, exc.code, exc.reason)
         except TimeoutError:
+            outcome = str(int(Code.TIMEOUT))
             self._refuse(hs, Code.TIMEOUT, f"no complete preamble within {self.settings.handshake_timeout:g}s")
         except OSError as exc:
+            outcome = "io"
             log.debug("handshake.io_error", extra=fields(peer=hs.peer, error=str(exc)))
         except Exception:  # a bug must cost one connection, never the node
+            outcome = str(int(Code.INTERNAL))
             log.exception("handshake.bug", extra=fields(peer=hs.peer))
         finally:
+            bump(self.outcomes, (_plane_label(plane, hs), outcome))
             self.acceptor.release(hs)
             self._plain.discard(hs)
             if not spliced:
@@ -325,4 +351,19 @@ class Node:
         except HandedOff:  # a sibling worker serves it
             return True
         await self.sessions.splice(hs.sock, hs.peer, hs.trailing, target, event.arg)
+        self.setup_seconds.observe(self._now() - hs.since)
         return True
+
+    def _now(self) -> float:
+        loop = self._loop
+        return loop.time() if loop is not None else asyncio.get_running_loop().time()
+
+
+def _plane_label(plane: Plane | None, hs: Handshake) -> str:
+    """The plane a connection is counted in: a listener's own connections (TICKET, POOL)
+    apart from the clients' CONNECTs."""
+    if plane is None:
+        return "unknown"
+    if plane is Plane.DATA and hs.request is not None and hs.request.verb is not Verb.CONNECT:
+        return "listener"
+    return plane.value

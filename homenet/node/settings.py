@@ -163,6 +163,15 @@ class Settings:
     worker_accept: str = _opt(
         "reuseport", "how workers share the port (default reuseport)", choices=("reuseport", "shared")
     )
+    #: Operators: ``ADDR:PORT`` of the admin HTTP server (``/metrics`` for Prometheus, the
+    #: dashboard); never the public port. Empty: off.
+    metrics_bind: str = _opt("", "ADDR:PORT for /metrics and the dashboard (default: off)", metavar="ADDR:PORT")
+    #: Who may read it off loopback: ``admin`` (an admin key, so the address must speak TLS:
+    #: a key never crosses the network in clear) or ``none`` (behind a network policy).
+    metrics_auth: str = _opt(
+        "admin", "off loopback, the metrics address needs an admin key over TLS (default) or none",
+        choices=("admin", "none"),
+    )  # fmt: skip
 
     def __post_init__(self) -> None:
         for name in ("port", "health_port"):
@@ -203,6 +212,7 @@ class Settings:
             ("connect_auth", ("none", "direct", "all")),
             ("query_auth", ("required", "open")),
             ("worker_accept", ("reuseport", "shared")),
+            ("metrics_auth", ("admin", "none")),
         ):
             if getattr(self, name) not in allowed:
                 raise SettingsError(f"{name} {getattr(self, name)!r}: expected {' or '.join(allowed)}")
@@ -231,6 +241,7 @@ class Settings:
             raise SettingsError("peers need a fleet key: give fleet_key_file (--fleet-key-file) on every relay")
         if not 0 <= self.workers <= MAX_WORKERS:
             raise SettingsError(f"workers must be 0-{MAX_WORKERS} (0: one per core), got {self.workers}")
+        self._check_metrics()
         if self.workers > 1 and (self.peers or self.peers_dns):
             raise SettingsError(
                 "workers > 1 cannot join a fleet (--peers/--peers-dns): run one relay process per pod or host"
@@ -242,6 +253,36 @@ class Settings:
                 raise SettingsError(f"advertise {self.advertise!r}: {exc}") from None
         if not (math.isfinite(self.idle_timeout) and self.idle_timeout >= 0):
             raise SettingsError(f"idle_timeout must be >= 0 (0 disables it), got {self.idle_timeout}")
+
+    def metrics_endpoint(self) -> tuple[str, int] | None:
+        """``metrics_bind`` as (host, port), or None when it is off."""
+        if not self.metrics_bind:
+            return None
+        host, sep, port = self.metrics_bind.rpartition(":")
+        if not sep or not port.isdigit() or not 0 <= int(port) <= 65535:
+            raise AddressError("expected ADDR:PORT with a port 0-65535")
+        return parse_endpoint(f"{host}:1").host, int(port)  # the host's syntax, [IPv6] included
+
+    @property
+    def metrics_open(self) -> bool:
+        """The metrics address serves without a key (loopback, or metrics_auth none)."""
+        ep = self.metrics_endpoint()
+        return self.metrics_auth == "none" or (ep is not None and _loopback(ep[0]))
+
+    def _check_metrics(self) -> None:
+        if not self.metrics_bind:
+            return
+        try:
+            host = (self.metrics_endpoint() or ("", 0))[0]
+        except AddressError as exc:
+            raise SettingsError(f"metrics_bind {self.metrics_bind!r}: {exc}") from None
+        if self.metrics_auth == "admin" and not _loopback(host) and not self.tls_cert:
+            raise SettingsError(
+                f"metrics_bind {self.metrics_bind} is not loopback: its admin key would cross the network in"
+                " clear; give tls_cert/tls_key, bind 127.0.0.1, or set metrics_auth none behind a network policy"
+            )
+        if self.worker_count > 1:
+            raise SettingsError("metrics_bind with workers > 1 is not supported yet: run one worker per node")
 
     @property
     def worker_count(self) -> int:
@@ -430,3 +471,10 @@ def load_settings(
     except SettingsError as exc:  # name where the bad value came from
         name = str(exc).split(" ", 1)[0].rstrip(":")
         raise SettingsError(f"{sources[name]}: {exc}" if name in sources else str(exc)) from None
+
+
+def _loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return host == "localhost"

@@ -350,3 +350,41 @@ def test_a_kubernetes_service_link_is_not_the_port() -> None:
     s = load_settings(env={"HOMENET_PORT": "tcp://10.96.0.7:6969", "HOMENET_SERVICE_PORT": "6969"})
     assert s.port == 6969
     assert load_settings(env={"HOMENET_PORT": "7000"}).port == 7000
+
+
+@pytest.mark.parametrize(
+    ("bind", "want", "open_access"),
+    [
+        ("127.0.0.1:9469", ("127.0.0.1", 9469), True),
+        ("127.0.0.1:0", ("127.0.0.1", 0), True),
+        ("[::1]:9469", ("::1", 9469), True),
+        ("localhost:9469", ("localhost", 9469), True),
+    ],
+)
+def test_metrics_bind_on_loopback_needs_no_key(bind: str, want: tuple[str, int], open_access: bool) -> None:
+    s = Settings(metrics_bind=bind)
+    assert (s.metrics_endpoint(), s.metrics_open) == (want, open_access)
+
+
+def test_metrics_are_off_by_default() -> None:
+    assert Settings().metrics_endpoint() is None
+
+
+@pytest.mark.parametrize("bind", ["9469", "127.0.0.1:", "127.0.0.1:70000", "not an address:1", ":9469"])
+def test_a_bad_metrics_bind_is_one_line(bind: str) -> None:
+    with pytest.raises(SettingsError, match=r"^metrics_bind"):
+        Settings(metrics_bind=bind)
+
+
+def test_metrics_off_loopback_need_tls_for_the_admin_key_or_an_explicit_none() -> None:
+    with pytest.raises(SettingsError, match="would cross the network in clear"):
+        Settings(metrics_bind="0.0.0.0:9469")
+    assert not Settings(metrics_bind="0.0.0.0:9469", tls_cert="c.pem", tls_key="k.pem").metrics_open
+    assert Settings(metrics_bind="0.0.0.0:9469", metrics_auth="none").metrics_open
+    with pytest.raises(SettingsError, match="metrics_auth 'maybe'"):
+        Settings(metrics_bind="127.0.0.1:9469", metrics_auth="maybe")
+
+
+def test_metrics_with_several_workers_are_refused() -> None:
+    with pytest.raises(SettingsError, match="workers > 1"):
+        Settings(metrics_bind="127.0.0.1:9469", workers=2)
