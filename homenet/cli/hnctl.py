@@ -14,10 +14,12 @@ from google.protobuf.message import Message
 
 from homenet import __version__
 from homenet.cli.common import EXIT_OK, EXIT_USAGE, PROG, fail, guarded, run
-from homenet.control.client import ControlClient, ControlError
+from homenet.client import Client, ControlError
+from homenet.client.control import query_target
 from homenet.control.v1 import discovery_pb2
-from homenet.node.address import DEFAULT_PORT, AddressError, ListenId, parse_endpoint, parse_url
+from homenet.node.address import DEFAULT_PORT, AddressError, parse_endpoint
 from homenet.node.auth import Credentials
+from homenet.node.errors import HomeNetError
 from homenet.node.keys import KeyFileError, client_key
 from homenet.node.settings import SettingsError, client_settings, load_settings
 
@@ -105,7 +107,7 @@ def _table(rows: list[list[str]], header: list[str]) -> str:
     return "\n".join(lines)
 
 
-async def _status(client: ControlClient, as_json: bool) -> None:
+async def _status(client: Client, as_json: bool) -> None:
     st = await client.status()
     if as_json:
         print(json.dumps(_to_dict(st), indent=2))
@@ -124,20 +126,20 @@ async def _status(client: ControlClient, as_json: bool) -> None:
     print(f"relayed    {_bytes(st.bytes_up)} up, {_bytes(st.bytes_down)} down")
 
 
-async def _sessions(client: ControlClient, as_json: bool) -> None:
-    resp = await client.sessions()
+async def _sessions(client: Client, as_json: bool) -> None:
+    sessions = await client.sessions()
     if as_json:
-        print(json.dumps(_to_dict(resp)["sessions"], indent=2))
+        print(json.dumps([_to_dict(s) for s in sessions], indent=2))
         return
     now = time.time()
     rows = [
         [str(s.id), s.client, s.target, s.dialed, f"{now - s.since:.0f}s", _bytes(s.bytes_up), _bytes(s.bytes_down)]
-        for s in resp.sessions
+        for s in sessions
     ]
     print(_table(rows, ["ID", "CLIENT", "TARGET", "DIALED", "AGE", "UP", "DOWN"]))
 
 
-async def _peers(client: ControlClient, as_json: bool) -> None:
+async def _peers(client: Client, as_json: bool) -> None:
     resp = await client.peers()
     if as_json:
         print(json.dumps(_to_dict(resp), indent=2))
@@ -151,11 +153,11 @@ async def _peers(client: ControlClient, as_json: bool) -> None:
     print(_table(rows, ["PEER", "RELAY", "STATE", "LISTENERS", "LAST SEEN", "FORWARDED", "ERROR"]))
 
 
-async def _fleet_listeners(client: ControlClient, as_json: bool) -> None:
+async def _fleet_listeners(client: Client, as_json: bool) -> None:
     """``listeners --fleet``: this relay's listeners, then every peer's, as this relay sees them."""
     local, peers = await client.listeners(), await client.peers(with_entries=True)
     here = peers.self.relay_id[:12]
-    rows = [[x.listen_id, x.state, here, "local"] for x in local.listeners]
+    rows = [[x.listen_id, x.state, here, "local"] for x in local]
     for p in peers.peers:
         rows += [[e.listen_id, "online" if e.online else "offline", p.relay_id[:12], p.target] for e in p.entries]
     rows.sort()
@@ -165,10 +167,10 @@ async def _fleet_listeners(client: ControlClient, as_json: bool) -> None:
     print(_table(rows, ["LISTENID", "STATE", "RELAY", "VIA"]))
 
 
-async def _listeners(client: ControlClient, as_json: bool) -> None:
-    resp = await client.listeners()
+async def _listeners(client: Client, as_json: bool) -> None:
+    listeners = await client.listeners()
     if as_json:
-        print(json.dumps(_to_dict(resp)["listeners"], indent=2))
+        print(json.dumps([_to_dict(x) for x in listeners], indent=2))
         return
     now = time.time()
     rows = [
@@ -183,7 +185,7 @@ async def _listeners(client: ControlClient, as_json: bool) -> None:
             _bytes(x.bytes_down),
             f"{x.pool_parked}/{x.pool_size}",
         ]
-        for x in resp.listeners
+        for x in listeners
     ]
     print(_table(rows, ["LISTENID", "STATE", "PEER", "NAME", "SINCE", "SESSIONS", "UP", "DOWN", "POOL"]))
 
@@ -196,8 +198,8 @@ def _service_row(s: discovery_pb2.Service) -> list[str]:
 _SERVICE_HEADER = ["NAME", "TYPE", "LISTENID", "ADDRESS", "PORT", "TXT"]
 
 
-async def _query(client: ControlClient, path: list[str], args: argparse.Namespace) -> None:
-    resp = await client.query(path, args.name, args.type)
+async def _query(client: Client, path: list[str], args: argparse.Namespace) -> None:
+    resp = await client.query(path, name=args.name, type_=args.type)
     if not args.watch:
         if args.json:
             print(json.dumps(_to_dict(resp)["services"], indent=2))
@@ -224,10 +226,10 @@ async def _query(client: ControlClient, path: list[str], args: argparse.Namespac
                 print(f"{change:<8} " + "  ".join(_service_row(svc)), flush=True)
         seen = now
         await asyncio.sleep(args.interval)
-        resp = await client.query(path, args.name, args.type)
+        resp = await client.query(path, name=args.name, type_=args.type)
 
 
-async def _kick(client: ControlClient, listen_id: str) -> None:
+async def _kick(client: Client, listen_id: str) -> None:
     await client.kick(listen_id)
     print(f"kicked {listen_id}")
 
@@ -236,20 +238,18 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``hnctl`` command."""
     PROG[0] = "hnctl"
     args = _parser().parse_args(argv)
-    node, path, tls = args.node, [], args.tls
+    node, tls = args.node, args.tls
+    path: list[str] = []
     try:
         parse_endpoint(args.node, DEFAULT_PORT)
     except AddressError as exc:
         fail(f"--node: {exc}", EXIT_USAGE)
     if args.command == "query":
         try:
-            route = parse_url(args.url)
-        except AddressError as exc:
+            node, path, url_tls = query_target(args.url)
+        except HomeNetError as exc:
             fail(str(exc), EXIT_USAGE)
-        bad = [str(h) for h in route.hops if not isinstance(h, ListenId)]
-        if bad:
-            fail(f"query path must be listenIds of nodes, not {bad[0]}", EXIT_USAGE)
-        node, path, tls = str(route.entry), [str(h) for h in route.hops], tls or route.tls
+        tls = tls or url_tls
 
     try:
         found = client_key(key_file=args.key_file, env=client_settings().key_env, local_keys=load_settings().keys_path)
@@ -258,7 +258,11 @@ def main(argv: list[str] | None = None) -> int:
     creds = Credentials(*found) if found else None
 
     async def go() -> None:
-        async with ControlClient(node, args.timeout, creds, tls, args.tls_ca, args.tls_cert, args.tls_key) as client:
+        # no retries: hnctl reports the first failure (scripts decide whether to try again)
+        async with Client(
+            node, key=creds, timeout=args.timeout, tls=tls, tls_ca=args.tls_ca, tls_cert=args.tls_cert,
+            tls_key=args.tls_key, retries=0,
+        ) as client:  # fmt: skip
             if args.command == "status":
                 await _status(client, args.json)
             elif args.command == "sessions":

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import ssl
 import sys
 from typing import Any
 
@@ -18,13 +17,14 @@ from homenet.cli.common import (
     raise_nofile,
     run,
 )
+from homenet.client import Dialer
 from homenet.node.address import AddressError, Route, parse_endpoint, parse_url
 from homenet.node.auth import Credentials
-from homenet.node.client import Dialing, RouteFailed
+from homenet.node.client import RouteFailed
 from homenet.node.keys import ROLES, KeyFileError, KeyStore, client_key, new_secret
 from homenet.node.log import configure
 from homenet.node.settings import Settings, SettingsError, cli_options, client_settings, load_settings
-from homenet.node.tls import TLSError, client_context
+from homenet.node.tls import TLSError
 
 
 def _announce(line: str) -> None:
@@ -35,19 +35,17 @@ def _notice(line: str) -> None:
     print(f"homenet: {line}", file=sys.stderr, flush=True)
 
 
-def _tls(route: Route, args: argparse.Namespace) -> ssl.SSLContext | None:
-    """The TLS context for an hns:// route (None for hn://)."""
-    if not route.tls:
-        return None
+def _dialer(route: Route, args: argparse.Namespace) -> Dialer:
+    """How this command opens ``route`` (the client library's dialer): its --timeout, key and
+    TLS flags. No retries: the command reports the first failure, and the caller decides."""
+    creds = _client_creds(args.key_file)
     try:
-        return client_context(args.tls_ca or client_settings().tls_ca, args.tls_cert, args.tls_key)
+        return Dialer.for_route(
+            route, key=creds, timeout=args.timeout, tls_ca=args.tls_ca or client_settings().tls_ca,
+            tls_cert=args.tls_cert, tls_key=args.tls_key, retries=0,
+        )  # fmt: skip
     except TLSError as exc:
         fail(str(exc), EXIT_USAGE)
-
-
-def _dialing(route: Route, args: argparse.Namespace) -> Dialing:
-    """How this command opens ``route``: its --timeout, key and TLS flags."""
-    return Dialing(args.timeout, _client_creds(args.key_file), _tls(route, args))
 
 
 def _client_creds(key_file: str | None) -> Credentials | None:
@@ -211,7 +209,7 @@ def _cmd_connect(args: argparse.Namespace) -> int:
         fail(str(exc), EXIT_USAGE)
     data = args.data.encode("utf-8") if args.data is not None else None
     try:
-        run(stdio_session(route, data, _dialing(route, args)))
+        run(stdio_session(route, data, _dialer(route, args)))
     except RouteFailed as exc:
         fail(str(exc))
     except (ConnectionError, OSError) as exc:
@@ -230,7 +228,7 @@ def _cmd_listen(args: argparse.Namespace) -> int:
         fail(f"{route} names no target: add a hop, e.g. {route}/127.0.0.1:22", EXIT_USAGE)
     configure(args.log_level)
     raise_nofile()
-    dialing = _dialing(route, args)
+    dialing = _dialer(route, args)
 
     async def serve() -> None:
         import asyncio

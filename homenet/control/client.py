@@ -27,18 +27,32 @@ from homenet.node.query import query_context
 
 
 class ControlError(HomeNetError):
-    """A control call failed; the message is one line saying what to do, ``code`` what kind."""
+    """A control call failed; the message is one line saying what to do, ``code`` what kind.
+
+    ``retryable``: the call may succeed if made again in a moment (the node could not be
+    reached, or it said unavailable or moving); never set for a refusal.
+    """
+
+    def __init__(self, reason: str = "", code: Code | None = None, *, retryable: bool = False) -> None:
+        super().__init__(reason, code)
+        self.retryable = retryable
+
+
+#: Codes a node sends with UNAVAILABLE that say "again in a moment" (not: the target refused).
+_TRANSIENT = (Code.MOVING, Code.UNAVAILABLE)
 
 
 def _describe(exc: grpc.aio.AioRpcError, target: str) -> ControlError:
     status, details = exc.code(), exc.details() or ""
     code = code_of(exc)
     if code is not None and code not in (Code.UNAUTHORIZED, Code.FORBIDDEN, Code.INTERNAL):
-        return ControlError(details, code)  # the node (or one down the route) says what went wrong
+        # the node (or one down the route) says what went wrong
+        return ControlError(details, code, retryable=status == grpc.StatusCode.UNAVAILABLE and code in _TRANSIENT)
     if code is None and status == grpc.StatusCode.UNAVAILABLE:
         return ControlError(
-            f"node {target} is unreachable ({details or 'unavailable'}); is it running?", Code.BAD_GATEWAY
-        )
+            f"node {target} is unreachable ({details or 'unavailable'}); is it running?", Code.BAD_GATEWAY,
+            retryable=True,
+        )  # fmt: skip
     if code is None and status == grpc.StatusCode.DEADLINE_EXCEEDED:
         return ControlError(f"node {target} did not answer in time", Code.GATEWAY_TIMEOUT)
     if status == grpc.StatusCode.UNIMPLEMENTED:
