@@ -91,7 +91,15 @@ class NodeCollector(Collector):
         opened = GaugeMetricFamily("homenet_sessions_open", "Sessions open now, by plane", labels=["plane"])
         opened.add_metric(["data"], len(node.sessions))
         opened.add_metric(["grpc"], node.grpc.open_count)
+        opened.add_metric(["http"], node.http.open_count)
         yield opened
+        answered = CounterMetricFamily(
+            "homenet_http_responses", "HTTP gateway responses, by status (the target's, or the gateway's own refusal)",
+            labels=["code"],
+        )  # fmt: skip
+        for code, n in sorted(node.http.responses.items()):
+            answered.add_metric([code], n)
+        yield answered
         total = CounterMetricFamily(
             "homenet_sessions",
             "Connections that ended their handshake, by plane and outcome (a reply code; tls, io, closed)",

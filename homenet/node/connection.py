@@ -33,6 +33,11 @@ class Handshake:
     task: asyncio.Task[None] | None = field(default=None, repr=False)
     #: Loop time it was accepted at (its handshake deadline counts from there).
     since: float = 0.0
+    #: It came over TLS (terminated by this node).
+    tls: bool = False
+    #: A hop the HTTP gateway opens for a request: its socket is the gateway's own, never
+    #: handed over to a sibling worker.
+    gateway: bool = False
 
     @property
     def request_line(self) -> str:

@@ -382,7 +382,7 @@ class Fleet:
         """Open the hop to ``owner`` for ``hs``'s request and read the owner's reply (or hand
         the connection to ``owner`` when it is a sibling worker: raises HandedOff)."""
         assert hs.request is not None
-        if self.handoff is not None and self.handoff.serves(owner.target):
+        if self.handoff is not None and not hs.gateway and self.handoff.serves(owner.target):
             await self._hand_over(hs, owner.target, owner.relay_id)
         try:
             sock = await self._connect(owner.target)

@@ -57,10 +57,16 @@ class Plane(enum.Enum):
 
     DATA = "data"
     GRPC = "grpc"
+    #: HTTP/1.x: the gateway to a home's web servers, and the WebSocket tunnel.
+    HTTP = "http"
     UNKNOWN = "unknown"
 
 
-_MAGICS = ((MAGIC, Plane.DATA), (GRPC_PREFACE, Plane.GRPC))
+#: Request-line starts of HTTP/1.x (``PRI `` is HTTP/2's preface: gRPC, tested first).
+HTTP_METHODS = tuple(
+    m + b" " for m in (b"GET", b"HEAD", b"POST", b"PUT", b"DELETE", b"OPTIONS", b"PATCH", b"TRACE", b"CONNECT")
+)
+_MAGICS = ((MAGIC, Plane.DATA), (GRPC_PREFACE, Plane.GRPC), *((m, Plane.HTTP) for m in HTTP_METHODS))
 _DATA = Plane.DATA
 
 

@@ -22,7 +22,9 @@ from homenet.node.address import AddressError, Endpoint, parse_hop
 from homenet.node.connection import Handshake
 from homenet.node.dialer import connect, recv_some, wait_readable
 from homenet.node.errors import Code, HomeNetError, RouteError
+from homenet.node.gateway import HttpPlane, TunnelHandler
 from homenet.node.handoff import HandedOff
+from homenet.node.httproute import raw_refusal
 from homenet.node.limits import SourceLimiter
 from homenet.node.log import fields
 from homenet.node.policy import local_addresses, normalise
@@ -114,6 +116,7 @@ class Node:
         verbs: Mapping[Verb, VerbHandler] | None = None,
         grpc: GrpcPlane | None = None,
         pool: CarrierPool | None = None,
+        tunnel: TunnelHandler | None = None,
     ) -> None:
         self.settings = settings
         self.router = router
@@ -129,10 +132,13 @@ class Node:
         self.acceptor = Acceptor(
             limiter, settings.handshake_timeout, self._serve_admitted, self.sessions.refused, self.tls is None
         )
+        self.http = HttpPlane(self._route_first, settings.http_domain, settings.dial_timeout, tunnel)
         self.planes: dict[Plane, tuple[PlanePreamble, PlaneHandler]] = {
             Plane.DATA: (self._read_request, self._serve_request),
             Plane.GRPC: (None, self.grpc.serve),
         }
+        if settings.http_gateway:
+            self.planes[Plane.HTTP] = (self.http.preamble, self._serve_http)
         self.started = time.time()
         self.state = "starting"
         self._address: Endpoint | None = None
@@ -192,6 +198,7 @@ class Node:
         """Close the listening socket; handshakes in progress still finish."""
         self.acceptor.close()
         self.state = "draining"
+        self.http.drain()
 
     async def drain(self, grace: float) -> None:
         """Wait up to ``grace`` seconds for data-plane sessions to end, then close the rest."""
@@ -219,6 +226,7 @@ class Node:
         if self._handshakes:
             await asyncio.wait(set(self._handshakes), timeout=1.0)
         self.abort_sessions("node closed")
+        self.http.close()
         self.grpc.close()
         self.pool.close()
         self.state = "stopped"
@@ -249,6 +257,7 @@ class Node:
             async with asyncio.timeout_at(self._deadline(hs)):
                 if self.tls is not None and hs.source is not None and hs not in self._plain:
                     await self._start_tls(hs)
+                    hs.tls = True
                 buf = hs.buf
                 while (plane := detect_plane(buf)) is None:
                     chunk = await recv_some(hs.sock, _RECV)
@@ -272,10 +281,10 @@ class Node:
             log.info("session.refused", extra=fields(peer=hs.peer, reason=str(exc)))
         except HomeNetError as exc:
             outcome = str(int(exc.code))
-            self._refuse(hs, exc.code, exc.reason)
+            self._refuse(hs, exc.code, exc.reason, plane)
         except TimeoutError:
             outcome = str(int(Code.TIMEOUT))
-            self._refuse(hs, Code.TIMEOUT, f"no complete preamble within {self.settings.handshake_timeout:g}s")
+            self._refuse(hs, Code.TIMEOUT, f"no complete preamble within {self.settings.handshake_timeout:g}s", plane)
         except OSError as exc:
             outcome = "io"
             log.debug("handshake.io_error", extra=fields(peer=hs.peer, error=str(exc)))
@@ -284,6 +293,8 @@ class Node:
             log.exception("handshake.bug", extra=fields(peer=hs.peer))
         finally:
             bump(self.outcomes, (_plane_label(plane, hs), outcome))
+            if plane is Plane.HTTP:
+                self.http.forget(hs)
             self.acceptor.release(hs)
             self._plain.discard(hs)
             if not spliced:
@@ -307,11 +318,12 @@ class Node:
         raw = hs.sock
         hs.sock, hs.alpn = await accept_tls(raw, self.tls, self.settings.handshake_timeout)
 
-    def _refuse(self, hs: Handshake, code: Code, reason: str) -> None:
+    def _refuse(self, hs: Handshake, code: Code, reason: str, plane: Plane | None = None) -> None:
         self.sessions.refused()
         log.info("session.refused", extra=fields(peer=hs.peer, code=int(code), reason=reason))
+        line = raw_refusal(code, reason) if plane is Plane.HTTP else encode_reply(code, reason)
         with contextlib.suppress(OSError):
-            hs.sock.send(encode_reply(code, reason))  # one line, best effort: never wait on it
+            hs.sock.send(line)  # one line, best effort: never wait on it
             # unread input makes close() send a reset, which can destroy the line in flight
             hs.sock.shutdown(socket.SHUT_WR)
             hs.sock.recv(65536)
@@ -353,6 +365,26 @@ class Node:
         await self.sessions.splice(hs.sock, hs.peer, hs.trailing, target, event.arg)
         self.setup_seconds.observe(self._now() - hs.since)
         return True
+
+    # -- the HTTP gateway ------------------------------------------------------------------------
+    async def _serve_http(self, hs: Handshake, buf: bytes) -> bool:
+        """An HTTP client: it holds no handshake slot once its first head is read (keep-alive
+        connections may last), but counts against the session cap."""
+        if self.state != "serving":
+            raise RouteError(Code.UNAVAILABLE, "node is shutting down; retry on another node")
+        if len(self.sessions) + self.http.open_count >= self.settings.max_sessions:
+            raise RouteError(Code.TOO_MANY, f"node at its limit of {self.settings.max_sessions} sessions")
+        self.acceptor.release(hs)
+        return await self.http.serve(hs, buf)
+
+    async def _route_first(self, hs: Handshake, request: Request) -> Target:
+        """The first hop of a gateway route, through the router as a CONNECT would go."""
+        try:
+            hop = _parse_hop(request.arg)
+        except AddressError as exc:
+            raise RouteError(Code.BAD_REQUEST, str(exc)) from None
+        sub = Handshake(hs.sock, hs.peer, depth=hs.depth, request=request, tls=hs.tls, gateway=True)
+        return await self.router.route(sub, hop)
 
     def _now(self) -> float:
         loop = self._loop

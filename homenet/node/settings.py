@@ -163,6 +163,12 @@ class Settings:
     worker_accept: str = _opt(
         "reuseport", "how workers share the port (default reuseport)", choices=("reuseport", "shared")
     )
+    #: The HTTP gateway on the one port (HTTP/1.x requests routed to a home's web servers).
+    http_gateway: bool = _opt(True, "turn the HTTP gateway on the one port off", flag="--no-http-gateway")
+    #: HTTP gateway: requests for ``<listenId>.DOMAIN`` go to that listener (wildcard DNS).
+    http_domain: str | None = _opt(
+        None, "HTTP gateway: route <listenId>.DOMAIN by host name (wildcard DNS to this relay)", metavar="DOMAIN"
+    )
     #: Operators: ``ADDR:PORT`` of the admin HTTP server (``/metrics`` for Prometheus, the
     #: dashboard); never the public port. Empty: off.
     metrics_bind: str = _opt("", "ADDR:PORT for /metrics and the dashboard (default: off)", metavar="ADDR:PORT")
@@ -242,6 +248,12 @@ class Settings:
         if not 0 <= self.workers <= MAX_WORKERS:
             raise SettingsError(f"workers must be 0-{MAX_WORKERS} (0: one per core), got {self.workers}")
         self._check_metrics()
+        if self.http_domain is not None and not re.fullmatch(
+            r"(?=.{1,253}$)([a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?\.)*[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?", self.http_domain
+        ):
+            raise SettingsError(
+                f"http_domain {self.http_domain!r}: expected a lower-case DNS name like relay.example.net"
+            )
         if self.workers > 1 and (self.peers or self.peers_dns):
             raise SettingsError(
                 "workers > 1 cannot join a fleet (--peers/--peers-dns): run one relay process per pod or host"

@@ -17,6 +17,7 @@ from homenet.node.errors import Code, HomeNetError
 
 ALPN_DATA = "homenet/1"
 ALPN_GRPC = "h2"
+ALPN_HTTP = "http/1.1"
 _HIGH_WATER = 256 * 1024
 
 
@@ -37,7 +38,9 @@ def server_context(cert: str, key: str, client_ca: str | None = None) -> ssl.SSL
             ctx.verify_mode = ssl.CERT_REQUIRED
     except (OSError, ssl.SSLError) as exc:
         raise TLSError(f"cannot load TLS certificate/key: {exc}") from None
-    ctx.set_alpn_protocols([ALPN_GRPC, ALPN_DATA])
+    # the server's order wins: a browser offers h2 and http/1.1 and must get the HTTP
+    # gateway, not the gRPC plane; gRPC clients offer only h2, data clients only homenet/1
+    ctx.set_alpn_protocols([ALPN_DATA, ALPN_HTTP, ALPN_GRPC])
     return ctx
 
 

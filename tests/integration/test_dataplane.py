@@ -153,7 +153,6 @@ def _garbage(seed: int, n: int) -> bytes:
 
 
 GARBAGE = {
-    "http-get": b"GET / HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n",
     "random-16": _garbage(1, 16),
     "random-4k": _garbage(2, 4096),
     "tls-hello-ish": b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03" + bytes(64),

@@ -16,7 +16,7 @@ EXAMPLES = {
     "rl_auth": "open", "connect_auth": "all", "query_auth": "open", "advertise": "198.51.100.1:6969",
     "tls_ca": "/x/ca.pem", "peers": "127.0.0.2:7000", "peers_dns": "relays.example", "keys_file": "/x/keys.toml",
     "state_dir": "/x/state", "name": "n1", "health_bind": "127.0.0.2", "worker_accept": "shared",
-    "metrics_bind": "127.0.0.1:9469", "metrics_auth": "none",
+    "metrics_bind": "127.0.0.1:9469", "metrics_auth": "none", "http_domain": "relay.example.net",
 }  # fmt: skip
 
 

@@ -1,0 +1,492 @@
+"""The HTTP gateway plane: browsers and HTTP-only programs reach a home's web servers.
+
+A connection whose first bytes are an HTTP/1.x request line comes here (the data plane's
+``HN/1`` and gRPC's preface go elsewhere). Each request names a route
+(:mod:`homenet.node.httproute`); the gateway opens it the way a client opens a route (the
+first hop through this node's router, so the node's policy and auth apply exactly as on the
+data plane; the further hops as pipelined, signed requests) and proxies the request and its
+response with h11 on both sides: keep-alive (the route's connection is reused while the
+route stays the same), chunked bodies streamed with backpressure, ``Upgrade`` (WebSocket)
+passed through to the target and spliced, ``X-Forwarded-For/Proto/Host``. A refusal is one
+HTML page (or one text line for programs) with the HomeNet code.
+
+``GET /.hn/tunnel`` with ``Upgrade: websocket`` is not forwarded: it is the WebSocket
+transport of the data plane, handed to :data:`TunnelHandler`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ipaddress
+import logging
+import socket
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from http import HTTPStatus
+from urllib.parse import parse_qs, quote
+
+import h11
+
+from homenet.node.auth import Credentials
+from homenet.node.connection import Handshake
+from homenet.node.errors import Code, HomeNetError
+from homenet.node.httproute import (
+    LOGIN_PATH,
+    LOGOUT_PATH,
+    OWN_PREFIX,
+    Named,
+    RouteRefused,
+    backward_headers,
+    header,
+    http_status,
+    key_of,
+    name_route,
+    onward_headers,
+    refusal_page,
+    wants_html,
+    wants_upgrade,
+)
+from homenet.node.keys import Secret
+from homenet.node.log import fields
+from homenet.node.preamble import NEED_DATA, ProtocolError, Reply, ReplyParser, Request, Verb
+from homenet.node.sessions import Target
+from homenet.node.splice import Splices
+from homenet.node.stats import bump
+
+log = logging.getLogger("homenet.gateway")
+
+#: Bytes of one request or response head at most.
+MAX_HEAD = 32 * 1024
+#: Seconds an idle keep-alive connection waits for its next request.
+IDLE_TIMEOUT = 60.0
+#: Seconds a body may stall, and a target may take to start its response.
+STALL_TIMEOUT = 120.0
+_CHUNK = 64 * 1024
+#: Bytes of a login form at most.
+_MAX_FORM = 4096
+TUNNEL_PATH = b"/.hn/tunnel"
+_IN_CLEAR = "a HomeNet key must not cross the network in clear: use https://"
+
+#: Opens the first hop of a route for a request (the node's router), as a Handshake would.
+RouteFirst = Callable[[Handshake, Request], Awaitable[Target]]
+#: Serves a WebSocket tunnel request: (the client's socket, its address, the request, bytes
+#: read after its head); the socket is the handler's from then on.
+TunnelHandler = Callable[[socket.socket, str, h11.Request, bytes], Awaitable[None]]
+
+
+@dataclass
+class Upstream:
+    """The connection a route is open on, and its HTTP state."""
+
+    route: str
+    key_id: str
+    sock: socket.socket
+    conn: h11.Connection
+    target: Target
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+class HttpPlane:
+    """The gateway's state for one node: open connections, counters, settings."""
+
+    def __init__(
+        self,
+        route_first: RouteFirst,
+        domain: str | None,
+        dial_timeout: float,
+        tunnel: TunnelHandler | None = None,
+    ) -> None:
+        self.route_first = route_first
+        self.domain = domain.lower().strip(".") if domain else None
+        self.dial_timeout = dial_timeout
+        self.tunnel = tunnel
+        #: Responses sent, by HTTP status (for metrics).
+        self.responses: dict[str, int] = {}
+        self.splices = Splices()
+        self._pending: dict[Handshake, tuple[h11.Connection, h11.Request]] = {}
+        self._sessions: set[GatewaySession] = set()
+        self.draining = False
+
+    @property
+    def open_count(self) -> int:
+        return len(self._sessions)
+
+    async def preamble(self, hs: Handshake, buf: bytes) -> None:
+        """Read the first request's head (the caller holds the handshake deadline)."""
+        conn = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_HEAD)
+        conn.receive_data(buf)
+        try:
+            event = await next_event(conn, hs.sock, None)
+        except h11.RemoteProtocolError as exc:
+            raise ProtocolError(Code.BAD_REQUEST, f"bad HTTP request: {exc}") from None
+        if not isinstance(event, h11.Request):
+            raise ConnectionResetError("closed before a request")
+        self._pending[hs] = (conn, event)
+
+    async def serve(self, hs: Handshake, buf: bytes) -> bool:
+        """Serve the connection until it closes (the socket is ours, closed here)."""
+        conn, request = self._pending.pop(hs)
+        session = GatewaySession(self, hs, conn)
+        self._sessions.add(session)
+        try:
+            await session.run(request)
+        finally:
+            self._sessions.discard(session)
+            session.close()
+        return True
+
+    def forget(self, hs: Handshake) -> None:
+        """``hs`` failed before :meth:`serve` (drop what :meth:`preamble` kept)."""
+        self._pending.pop(hs, None)
+
+    def drain(self) -> None:
+        """Close idle keep-alive connections now; busy ones close after their response."""
+        self.draining = True
+        for s in list(self._sessions):
+            s.wake_if_idle()
+
+    def close(self) -> None:
+        self.draining = True
+        for s in list(self._sessions):
+            s.close()
+        self.splices.abort_all("node closed")
+
+
+async def next_event(conn: h11.Connection, sock: socket.socket, timeout: float | None) -> object:
+    """The next h11 event of ``conn``, reading ``sock`` as needed (``timeout`` per read)."""
+    loop = asyncio.get_running_loop()
+    while True:
+        event = conn.next_event()
+        if event is not h11.NEED_DATA:
+            return event
+        if timeout is None:
+            data = await loop.sock_recv(sock, _CHUNK)
+        else:
+            async with asyncio.timeout(timeout):
+                data = await loop.sock_recv(sock, _CHUNK)
+        conn.receive_data(data)
+
+
+class GatewaySession:
+    """One client connection of the gateway, from its first request to its close."""
+
+    def __init__(self, plane: HttpPlane, hs: Handshake, conn: h11.Connection) -> None:
+        self.plane = plane
+        self.hs = hs
+        self.conn = conn
+        self.sock = hs.sock
+        self.peer_ip = hs.peer.rsplit(":", 1)[0].strip("[]")
+        self.up: Upstream | None = None
+        #: True while waiting for the next request (a drain may close it then).
+        self.idle = False
+        self._task = asyncio.current_task()
+        #: The socket went to a splice or a tunnel: not ours to close.
+        self.handed = False
+
+    # -- the connection's life -------------------------------------------------------------------
+    async def run(self, first: h11.Request) -> None:
+        request: h11.Request | None = first
+        while request is not None:
+            try:
+                keep = await self.one(request)
+            except (h11.RemoteProtocolError, ProtocolError) as exc:
+                await self._try_refuse(Code.BAD_REQUEST, f"bad HTTP: {exc}", request)
+                return
+            if not keep or self.plane.draining:
+                return
+            request = await self._next_request()
+
+    async def _next_request(self) -> h11.Request | None:
+        if self.conn.our_state is not h11.DONE or self.conn.their_state is not h11.DONE:
+            return None
+        self.conn.start_next_cycle()
+        self.idle = True
+        try:
+            event = await next_event(self.conn, self.sock, IDLE_TIMEOUT)
+        except (TimeoutError, asyncio.CancelledError, OSError, h11.RemoteProtocolError):
+            if self.plane.draining and (t := asyncio.current_task()) is not None:
+                t.uncancel()
+            return None
+        finally:
+            self.idle = False
+        return event if isinstance(event, h11.Request) else None
+
+    def wake_if_idle(self) -> None:
+        if self.idle and self._task is not None:
+            self._task.cancel()
+
+    def close(self) -> None:
+        if self.up is not None:
+            self._drop_upstream()
+        if not self.handed:
+            self.sock.close()
+
+    # -- one request -----------------------------------------------------------------------------
+    async def one(self, request: h11.Request) -> bool:
+        """Answer ``request``; True to keep the connection for another one."""
+        path = request.target.split(b"?", 1)[0]
+        if path == TUNNEL_PATH and self.plane.tunnel is not None and wants_upgrade(list(request.headers)):
+            self.handed = True
+            await self.plane.tunnel(self.sock, self.hs.peer, request, bytes(self.conn.trailing_data[0]))
+            return False
+        if path.startswith(OWN_PREFIX):
+            return await self._own_page(request, path)
+        try:
+            named = name_route(request.target, list(request.headers), self.plane.domain)
+            creds = self._creds(request)
+            up = await self._upstream(named, creds)
+        except RouteRefused as exc:
+            return await self._refuse(exc.code, exc.reason, request)
+        except HomeNetError as exc:
+            return await self._refuse(exc.code, exc.reason, request)
+        except (OSError, TimeoutError) as exc:
+            self._drop_upstream()
+            return await self._refuse(Code.BAD_GATEWAY, f"route {named.text}: {exc}", request)
+        return await self._proxy(request, named, up)
+
+    def _creds(self, request: h11.Request) -> Credentials | None:
+        found = key_of(list(request.headers))
+        if found is None:
+            return None
+        if not self.hs.tls and not _loopback(self.peer_ip):
+            raise RouteRefused(Code.FORBIDDEN, _IN_CLEAR)
+        return Credentials(found[0], Secret(found[1]))
+
+    async def _upstream(self, named: Named, creds: Credentials | None) -> Upstream:
+        key_id = creds.key_id if creds is not None else ""
+        if self.up is not None and (self.up.route, self.up.key_id) == (named.text, key_id):
+            return self.up
+        self._drop_upstream()
+        self.up = await self._open(named, creds)
+        return self.up
+
+    async def _open(self, named: Named, creds: Credentials | None) -> Upstream:
+        """Open ``named``'s route: its first hop through the node's router, the others as
+        pipelined requests signed with ``creds``, their replies read."""
+        first, rest = named.hops[0], named.hops[1:]
+        target = await self.plane.route_first(self.hs, _request(str(first), creds))
+        sock = target.sock
+        try:
+            lines = target.greeting + b"".join(_request(str(h), creds).encode() for h in rest)
+            async with asyncio.timeout(self.plane.dial_timeout + 5.0):
+                if lines:
+                    await asyncio.get_running_loop().sock_sendall(sock, lines)
+                parser = ReplyParser()
+                if target.to_client:  # b"" would mean EOF
+                    parser.receive_data(target.to_client)
+                for hop in rest:
+                    reply = await _reply(sock, parser)
+                    if not reply.ok:
+                        raise RouteRefused(reply.code, f"{hop}: {reply.reason or reply.code.slug}")
+        except BaseException:
+            sock.close()
+            raise
+        conn = h11.Connection(h11.CLIENT, max_incomplete_event_size=MAX_HEAD)
+        if early := parser.trailing():  # b"" would mean EOF
+            conn.receive_data(early)
+        return Upstream(named.text, creds.key_id if creds else "", sock, conn, target)
+
+    def _drop_upstream(self) -> None:
+        if self.up is not None:
+            self.up.close()
+            self.up = None
+
+    # -- proxying ----------------------------------------------------------------------------------
+    async def _proxy(self, request: h11.Request, named: Named, up: Upstream) -> bool:
+        upgrade = wants_upgrade(list(request.headers))
+        onward = onward_headers(list(request.headers), self.peer_ip, self.hs.tls, upgrade=upgrade)
+        try:
+            await self._send_up(h11.Request(method=request.method, target=named.target, headers=onward))
+            if self.conn.they_are_waiting_for_100_continue:
+                await self._send_client(h11.InformationalResponse(status_code=100, headers=[]))
+            await self._pump(self.conn, self.sock, up, to_upstream=True)
+            response = await self._response_head(up)
+        except (h11.ProtocolError, OSError, TimeoutError, ConnectionError) as exc:
+            self._drop_upstream()
+            return await self._refuse(Code.BAD_GATEWAY, f"{named.text} did not answer properly: {exc}", request)
+        if response.status_code == 101:
+            return await self._switch(response, up)
+        extra = [(b"set-cookie", _route_cookie(named))] if named.by == "path" else []
+        head = h11.Response(
+            status_code=response.status_code, headers=backward_headers(response.headers) + extra,
+            reason=response.reason,
+        )  # fmt: skip
+        try:
+            await self._send_client(head)
+            await self._pump(up.conn, up.sock, None, to_upstream=False)
+        except (h11.ProtocolError, OSError, TimeoutError, ConnectionError) as exc:
+            log.debug("gateway.response_cut", extra=fields(peer=self.hs.peer, error=str(exc)))
+            self._drop_upstream()
+            return False
+        bump(self.plane.responses, str(response.status_code))
+        if up.conn.our_state is h11.DONE and up.conn.their_state is h11.DONE:
+            up.conn.start_next_cycle()
+        else:
+            self._drop_upstream()
+        return True
+
+    async def _response_head(self, up: Upstream) -> h11.Response | h11.InformationalResponse:
+        """The target's response head (1xx other than 101 are passed on to the client)."""
+        while True:
+            event = await next_event(up.conn, up.sock, STALL_TIMEOUT)
+            if isinstance(event, h11.InformationalResponse) and event.status_code != 101:
+                await self._send_client(h11.InformationalResponse(status_code=event.status_code, headers=[]))
+                continue
+            if isinstance(event, (h11.Response, h11.InformationalResponse)):
+                return event
+            raise ConnectionResetError("the target closed before its response")
+
+    async def _pump(self, conn: h11.Connection, sock: socket.socket, up: Upstream | None, *, to_upstream: bool) -> None:
+        """Stream one message's body from ``conn`` (read from ``sock``) to the other side."""
+        while True:
+            event = await next_event(conn, sock, STALL_TIMEOUT)
+            if isinstance(event, h11.Data):
+                await (self._send_up(event) if to_upstream else self._send_client(event))
+            elif isinstance(event, h11.EndOfMessage):
+                await (self._send_up(h11.EndOfMessage()) if to_upstream else self._send_client(h11.EndOfMessage()))
+                return
+            else:
+                raise ConnectionResetError("the message was cut short")
+
+    async def _switch(self, response: h11.Response | h11.InformationalResponse, up: Upstream) -> bool:
+        """The target agreed to switch protocols: tell the client, then splice the two."""
+        await self._send_client(
+            h11.InformationalResponse(status_code=101, headers=backward_headers(response.headers) + _upgrade(response))
+        )
+        bump(self.plane.responses, "101")
+        to_target = bytes(self.conn.trailing_data[0])
+        to_client = bytes(up.conn.trailing_data[0])
+        self.up, self.handed = None, True
+        await self.plane.splices.start(self.sock, up.sock, to_a=to_client, to_b=to_target)
+        return False
+
+    async def _send_up(self, event: h11.Request | h11.Data | h11.EndOfMessage) -> None:
+        assert self.up is not None
+        data = self.up.conn.send(event)
+        if data:
+            async with asyncio.timeout(STALL_TIMEOUT):
+                await asyncio.get_running_loop().sock_sendall(self.up.sock, data)
+
+    async def _send_client(self, event: h11.Response | h11.InformationalResponse | h11.Data | h11.EndOfMessage) -> None:
+        data = self.conn.send(event)
+        if data:
+            async with asyncio.timeout(STALL_TIMEOUT):
+                await asyncio.get_running_loop().sock_sendall(self.sock, data)
+
+    # -- our own pages and refusals ----------------------------------------------------------------
+    async def _own_page(self, request: h11.Request, path: bytes) -> bool:
+        if path == LOGOUT_PATH:
+            gone = f"hn-key=; {_cookie_flags(self.hs.tls)}; Max-Age=0".encode()
+            return await self._page(303, b"", "text/plain", [(b"location", b"/"), (b"set-cookie", gone)])
+        if path != LOGIN_PATH:
+            return await self._refuse(Code.NOT_FOUND, "no such gateway page", request)
+        if request.method == b"POST":
+            return await self._login(request)
+        secure = self.hs.tls or _loopback(self.peer_ip)
+        return await self._page(200, _login_form(secure), "text/html; charset=utf-8", [])
+
+    async def _login(self, request: h11.Request) -> bool:
+        body = b""
+        while True:
+            event = await next_event(self.conn, self.sock, STALL_TIMEOUT)
+            if isinstance(event, h11.Data):
+                body += event.data
+                if len(body) > _MAX_FORM:
+                    return await self._refuse(Code.TOO_LARGE, "login form too large", request)
+            elif isinstance(event, h11.EndOfMessage):
+                break
+            else:
+                return False
+        form = parse_qs(body.decode("utf-8", "replace"))
+        key = (form.get("key") or [""])[0].strip()
+        after = (form.get("next") or ["/"])[0]
+        if not after.startswith("/") or after.startswith("//"):
+            after = "/"  # never an open redirect
+        if key_of([(b"authorization", b"Bearer " + key.encode("latin-1", "replace"))]) is None:
+            return await self._refuse(
+                Code.BAD_REQUEST, "expected a key as ID:SECRET (the line homenet key new printed)", request
+            )
+        if not self.hs.tls and not _loopback(self.peer_ip):
+            return await self._refuse(Code.FORBIDDEN, _IN_CLEAR, request)
+        cookie = f"hn-key={key}; {_cookie_flags(self.hs.tls)}; Max-Age=86400"
+        return await self._page(
+            303, b"", "text/plain", [(b"location", after.encode()), (b"set-cookie", cookie.encode())]
+        )
+
+    async def _refuse(self, code: Code, reason: str, request: h11.Request) -> bool:
+        headers = list(request.headers)
+        body, ctype = refusal_page(code, reason, as_html=wants_html(headers), login=code is Code.UNAUTHORIZED)
+        extra = [(b"hn-error", f"{int(code)} {code.slug}".encode())]
+        if code in (Code.MOVING, Code.TOO_MANY, Code.UNAVAILABLE):
+            extra.append((b"retry-after", b"2"))
+        log.info("gateway.refused", extra=fields(peer=self.hs.peer, code=int(code), reason=reason))
+        return await self._page(http_status(code), body, ctype, extra)
+
+    async def _try_refuse(self, code: Code, reason: str, request: h11.Request) -> None:
+        if self.conn.our_state in (h11.IDLE, h11.SEND_RESPONSE):
+            with contextlib.suppress(OSError, TimeoutError, h11.ProtocolError):
+                await self._refuse(code, reason, request)
+
+    async def _page(self, status: int, body: bytes, ctype: str, extra: list[tuple[bytes, bytes]]) -> bool:
+        """Send a page of our own; True if the connection can take another request."""
+        unread_body = self.conn.their_state is h11.SEND_BODY
+        headers = [(b"content-type", ctype.encode()), (b"content-length", str(len(body)).encode()),
+                   (b"cache-control", b"no-store"), *extra]  # fmt: skip
+        if unread_body:
+            headers.append((b"connection", b"close"))
+        await self._send_client(h11.Response(status_code=status, headers=headers, reason=HTTPStatus(status).phrase))
+        await self._send_client(h11.Data(data=body))
+        await self._send_client(h11.EndOfMessage())
+        bump(self.plane.responses, str(status))
+        return not unread_body
+
+
+def _request(hop: str, creds: Credentials | None) -> Request:
+    token = creds.token(f"HN/1 CONNECT {hop}") if creds is not None else {}
+    return Request(Verb.CONNECT, hop, token)
+
+
+async def _reply(sock: socket.socket, parser: ReplyParser) -> Reply:
+    loop = asyncio.get_running_loop()
+    while (event := parser.next_event()) is NEED_DATA:
+        data = await loop.sock_recv(sock, _CHUNK)
+        parser.receive_data(data)
+    assert isinstance(event, Reply)
+    return event
+
+
+def _upgrade(response: h11.Response | h11.InformationalResponse) -> list[tuple[bytes, bytes]]:
+    return [(b"connection", b"upgrade"), (b"upgrade", header(response.headers, b"upgrade") or b"")]
+
+
+def _route_cookie(named: Named) -> bytes:
+    return f"hn-route={quote(named.text, safe='')}; Path=/; HttpOnly; SameSite=Lax".encode()
+
+
+def _cookie_flags(tls: bool) -> str:
+    return "Path=/; HttpOnly; SameSite=Strict" + ("; Secure" if tls else "")
+
+
+def _loopback(ip: str) -> bool:
+    try:
+        return ipaddress.ip_address(ip).is_loopback
+    except ValueError:
+        return False
+
+
+def _login_form(secure: bool) -> bytes:
+    if not secure:
+        form = "<p>This address is plain HTTP: a key typed here would cross the network in clear. Use https://.</p>"
+    else:
+        form = (
+            '<form method="post" action="/.hn/login"><label>HomeNet key (ID:SECRET) '
+            '<input name="key" type="password" autocomplete="current-password" required></label> '
+            '<button type="submit">Log in</button></form>'
+        )
+    return (
+        "<!doctype html><html lang=en><head><meta charset=utf-8><title>HomeNet: log in</title></head>"
+        f"<body><h1>HomeNet</h1>{form}</body></html>\n"
+    ).encode()
