@@ -9,6 +9,7 @@ checks the first bytes, so a mislabeled connection cannot cross planes).
 from __future__ import annotations
 
 import asyncio
+import select
 import socket
 import ssl
 from typing import Any, cast
@@ -61,6 +62,10 @@ def client_context(ca: str | None = None, cert: str | None = None, key: str | No
     return ctx
 
 
+#: Seconds between looks for a half-closed client's full close.
+_GONE_POLL = 0.5
+
+
 class _Half(asyncio.Protocol):
     """One side of a bridge: what it receives is written to the other side, with flow control."""
 
@@ -88,10 +93,31 @@ class _Half(asyncio.Protocol):
         # asyncio's TLS transports cannot half-close. A node closes TLS when its target is
         # done (the client then sees the end); a client keeps it open after its own EOF so
         # the reply still arrives (the target does not see that EOF: README, TLS).
-        if self.close_peer_on_eof:
+        if self.close_peer_on_eof or self._peer_gone():
             other.close()
             return False
+        self._watch_gone()
         return True
+
+    def _watch_gone(self) -> None:
+        """Half-closed: look again now and then for the program's full close (no event tells)."""
+        other = self.peer.transport if self.peer is not None else None
+        if other is None or other.is_closing() or self.transport is None or self.transport.is_closing():
+            return
+        if self._peer_gone():
+            other.close()
+            return
+        asyncio.get_running_loop().call_later(_GONE_POLL, self._watch_gone)
+
+    def _peer_gone(self) -> bool:
+        """The plain side's program closed its socket (not just its writing half): nothing
+        will read the reply, so the TLS connection must end too (else it waits for the node)."""
+        sock = self.transport.get_extra_info("socket") if self.transport is not None and not self.is_tls else None
+        if sock is None:
+            return False
+        poller = select.poll()
+        poller.register(sock.fileno(), select.POLLIN)
+        return any(ev & select.POLLHUP for _, ev in poller.poll(0))
 
     def pause_writing(self) -> None:
         if self.peer is not None and self.peer.transport is not None:
