@@ -20,19 +20,31 @@ function age(seconds) {
   return Math.floor(s / 86400) + " d";
 }
 
+function count(n, one, many) {
+  return n + " " + (Number(n) === 1 ? one : many);
+}
+
+// A state word as a class name: letters only, whatever the node sent.
+function stateClass(state) {
+  return "pill state-" + String(state).toLowerCase().replace(/[^a-z]/g, "");
+}
+
 function facts(id, pairs) {
   const dl = document.getElementById(id);
   dl.replaceChildren();
   for (const [k, v] of pairs) {
+    const div = document.createElement("div");
     const dt = document.createElement("dt");
     dt.textContent = k;
     const dd = document.createElement("dd");
     dd.textContent = String(v);
     dd.dataset.key = k;
-    dl.append(dt, dd);
+    div.append(dt, dd);
+    dl.append(div);
   }
 }
 
+// cells(item) gives [value, td class, pill class] per column; a pill wraps the value in a badge.
 function rows(id, items, cells, emptyText) {
   const body = document.querySelector("#" + id + " tbody");
   body.replaceChildren();
@@ -48,9 +60,16 @@ function rows(id, items, cells, emptyText) {
   }
   for (const item of items) {
     const tr = document.createElement("tr");
-    for (const [value, cls] of cells(item)) {
+    for (const [value, cls, pill] of cells(item)) {
       const td = document.createElement("td");
-      td.textContent = String(value);
+      if (pill) {
+        const span = document.createElement("span");
+        span.className = pill;
+        span.textContent = String(value);
+        td.append(span);
+      } else {
+        td.textContent = String(value);
+      }
       if (cls) td.className = cls;
       tr.append(td);
     }
@@ -63,8 +82,11 @@ function render(state) {
   const now = Date.now() / 1000;
   document.getElementById("node-name").textContent = st.name;
   document.title = "HomeNet " + st.name;
-  document.getElementById("summary").textContent =
-    st.active_sessions + " sessions open · " + st.listeners + " listeners · " + st.state;
+  document.getElementById("summary").textContent = [
+    count(st.active_sessions, "session open", "sessions open"),
+    count(st.listeners, "listener", "listeners"),
+    st.state,
+  ].join(" · ");
   facts("node", [
     ["address", st.address], ["version", st.version], ["state", st.state],
     ["uptime", age(st.uptime_seconds)],
@@ -75,15 +97,15 @@ function render(state) {
     ["refused", st.refused_sessions], ["bytes up", bytes(st.bytes_up)], ["bytes down", bytes(st.bytes_down)],
   ]);
   rows("listeners", state.listeners, (l) => [
-    [l.listen_id], [l.state, "state-" + l.state], [l.peer],
+    [l.listen_id, "mono"], [l.state, "", stateClass(l.state)], [l.peer, "mono"],
     [l.active_sessions, "num"], [l.total_sessions, "num"], [bytes(l.bytes_up), "num"], [bytes(l.bytes_down), "num"],
   ], "no listener registered here");
   rows("sessions", state.sessions, (s) => [
-    [s.id, "num"], [s.client], [s.target], [age(now - s.since), "num"],
+    [s.id, "num"], [s.client, "mono"], [s.target, "mono"], [age(now - s.since), "num"],
     [bytes(s.bytes_up), "num"], [bytes(s.bytes_down), "num"],
   ], "no session open");
   rows("peers", state.fleet.peers, (p) => [
-    [p.target], [p.name], [p.state, "state-" + p.state], [p.listeners, "num"], [p.forwarded, "num"],
+    [p.target, "mono"], [p.name], [p.state, "", stateClass(p.state)], [p.listeners, "num"], [p.forwarded, "num"],
     [p.last_seen_seconds ? p.last_seen_seconds.toFixed(1) + " s ago" : "-", "num"],
   ], "not in a fleet");
 }
@@ -95,10 +117,15 @@ async function refresh() {
     if (!resp.ok) throw new Error("the node answered " + resp.status);
     render(await resp.json());
     error.hidden = true;
+    error.textContent = "";
+    document.body.className = "fresh";
     document.body.dataset.updated = String(Date.now());
+    document.getElementById("updated").textContent = "live · updated " + new Date().toLocaleTimeString();
   } catch (err) {
+    // keep the last figures on screen, marked stale, and say why
     error.textContent = "cannot refresh: " + err.message;
     error.hidden = false;
+    document.body.className = "stale";
   }
 }
 
