@@ -82,7 +82,7 @@ def _add_rl(sub: Any) -> None:
         "rl", help="remote-listen on a relay and forward every client to one target",
         description="Remote-listen on RELAY; every client of hn://RELAY/LISTENID is forwarded to --to HOST:PORT.",
     )  # fmt: skip
-    rl.add_argument("url", metavar="URL", help="hn://RELAY[:PORT][/HOP...]")
+    rl.add_argument("url", metavar="URL", help="hn://RELAY[:PORT][/HOP...] (hns:// TLS, ws:// WebSocket, wss:// both)")
     rl.add_argument("--to", required=True, metavar="HOST:PORT", help="the one target every client reaches")
     for opt in cli_options():
         if opt.rl:
@@ -92,10 +92,10 @@ def _add_rl(sub: Any) -> None:
 
 def _client_flags(cmd: argparse.ArgumentParser) -> None:
     """What every command that opens a route takes: a deadline, a key, TLS."""
-    cmd.add_argument("url", metavar="URL")
+    cmd.add_argument("url", metavar="URL", help="hn://HOST[:PORT]/HOP... (hns:// TLS, ws:// WebSocket, wss:// both)")
     cmd.add_argument("--timeout", type=float, default=10.0, help="seconds to open the route (default 10)")
     cmd.add_argument("--key-file", metavar="FILE", help="key to sign requests with (default $HOMENET_KEY)")
-    cmd.add_argument("--tls-ca", metavar="PEM", help="CA to verify an hns:// node with (default: system store)")
+    cmd.add_argument("--tls-ca", metavar="PEM", help="CA to verify an hns:// or wss:// node (default: system store)")
     cmd.add_argument("--tls-cert", metavar="PEM", help="client certificate for nodes that require one (mTLS)")
     cmd.add_argument("--tls-key", metavar="PEM", help="private key of --tls-cert")
 
@@ -131,7 +131,7 @@ def _add_publish(sub: Any) -> None:
     pub.add_argument("--txt", action="append", default=[], metavar="KEY=VALUE", help="TXT entry (repeatable)")
     pub.add_argument(
         "--private", action="store_true",
-        help="do not mark it public: HomeNet nodes then ask clients for a connect key",
+        help="no effect (kept for old scripts): whether clients need a key is the node operator's --public-service",
     )  # fmt: skip
     pub.add_argument(
         "--mdns-interface", action="append", default=[], metavar="ADDR",
@@ -253,7 +253,7 @@ def _cmd_listen(args: argparse.Namespace) -> int:
 
 
 def _cmd_publish(args: argparse.Namespace) -> int:
-    from homenet.node.discovery import PUBLIC_TXT, Advertiser, normalise_type
+    from homenet.node.discovery import Advertiser, normalise_type
 
     txt: dict[str, str] = {}
     for item in args.txt:
@@ -263,8 +263,6 @@ def _cmd_publish(args: argparse.Namespace) -> int:
         txt[key] = value
     if not 0 < args.port < 65536:
         fail(f"bad --port {args.port}: expected 1-65535", EXIT_USAGE)
-    if not args.private:
-        txt[PUBLIC_TXT] = "1"
     try:
         type_ = normalise_type(args.type)
         Settings(mdns_interface=tuple(args.mdns_interface))

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 from homenet.node.auth import Authorizer, Verifier
 from homenet.node.dialer import Dialer
-from homenet.node.discovery import Discovery
+from homenet.node.discovery import Discovery, PublicServices
 from homenet.node.fleet import Fleet
 from homenet.node.keys import KeyStore
 from homenet.node.limits import SourceLimiter
@@ -79,7 +79,10 @@ def assemble(
     node_id = node_id or secrets.token_hex(8)
     relay = Relay(limiter, keys, node_id, relay_settings(settings), fleet)
     dialer = dialer or Dialer(TargetPolicy.from_specs(settings.allow), timeout=settings.dial_timeout)
-    router = Router(dialer, authorizer, settings.connect_auth, listeners=relay, services=discovery, fleet=fleet)
+    router = Router(
+        dialer, authorizer, settings.connect_auth, listeners=relay, services=discovery, fleet=fleet,
+        public=PublicServices(settings.public_services),
+    )  # fmt: skip
     queries = QueryRouter(
         settings.name, relay.queries, discovery, verifier if settings.query_auth == "required" else None, fleet_queries
     )

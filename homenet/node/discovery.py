@@ -22,7 +22,7 @@ import re
 import socket
 import time
 import unicodedata
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -35,13 +35,11 @@ from homenet import __version__
 from homenet.node.address import Endpoint
 from homenet.node.dialer import Dialed, Dialer, DialError
 from homenet.node.log import fields
-from homenet.node.policy import TargetPolicy, interface_addresses
+from homenet.node.policy import IPNetwork, TargetPolicy, interface_addresses, lan_networks
 
 log = logging.getLogger("homenet.discovery")
 
 HOMENET_TYPE = "_homenet._tcp.local."
-#: TXT key ``homenet publish`` sets: the owner chose to make the service public.
-PUBLIC_TXT = "hn-public"
 #: What a home node browses by default: HomeNet itself and the services homes run.
 DEFAULT_TYPES = (
     HOMENET_TYPE,
@@ -90,11 +88,31 @@ class Service:
     first_seen: float = field(default_factory=time.time)
     last_seen: float = field(default_factory=time.time)
 
-    @property
-    def public(self) -> bool:
-        """Announced for HomeNet by its owner (``_homenet._tcp``, or ``homenet publish``):
-        reachable without a connect key under ``connect_auth=direct``."""
-        return self.type == HOMENET_TYPE or self.txt.get(PUBLIC_TXT) == "1"
+
+@dataclass(frozen=True)
+class PublicServices:
+    """The discovered services the node's operator lets clients reach without a connect key
+    (under ``connect_auth=direct``), named by listenId, instance name or type. Never what a
+    record says of itself: any device on the LAN can publish any record."""
+
+    specs: tuple[str, ...] = ()
+
+    def __contains__(self, svc: object) -> bool:
+        if not isinstance(svc, Service):
+            return False
+        for spec in self.specs:
+            if spec in (svc.listen_id, svc.name):
+                return True
+            if spec.startswith("_") and _same_type(spec, svc.type):
+                return True
+        return False
+
+
+def _same_type(spec: str, type_: str) -> bool:
+    try:
+        return normalise_type(spec) == type_
+    except ValueError:  # not a service type: it names nothing
+        return False
 
 
 def normalise_type(text: str) -> str:
@@ -385,16 +403,33 @@ def node_txt(rl_urls: Iterable[str]) -> dict[str, str]:
     return {"version": __version__, "rl": urls[:MAX_TXT_VALUE]}
 
 
-def service_policy(policy: TargetPolicy) -> TargetPolicy:
-    """Discovered services are allowed targets; guarded ranges (loopback, link-local,
-    metadata) still need the node's explicit ``--allow``, as for any target."""
-    everything = (ipaddress.IPv4Network("0.0.0.0/0"), ipaddress.IPv6Network("::/0"))
-    return TargetPolicy((*everything, *policy.allow), policy.own)
+#: Seconds the host's subnets are trusted before they are listed again (addresses change).
+_LAN_TTL = 5.0
+_lan_cache: tuple[float, tuple[IPNetwork, ...]] = (-_LAN_TTL, ())
 
 
-async def dial_service(svc: Service, policy: TargetPolicy, timeout: float) -> Dialed:
+def host_subnets() -> tuple[IPNetwork, ...]:
+    """The private subnets this host is on now (cached for a few seconds)."""
+    global _lan_cache
+    now = time.monotonic()
+    if now - _lan_cache[0] >= _LAN_TTL:
+        _lan_cache = (now, tuple(lan_networks()))
+    return _lan_cache[1]
+
+
+def service_policy(policy: TargetPolicy, lan: Callable[[], Iterable[IPNetwork]] = host_subnets) -> TargetPolicy:
+    """Where a discovered service may be dialed: the node's ``--allow`` rules, and the private
+    subnets the host is on (a LAN record names a LAN host). A record naming any other address
+    gets what a direct hop to it would get (403); guarded ranges (loopback, link-local,
+    metadata) still need the node's explicit ``--allow``."""
+    return TargetPolicy((*policy.allow, *lan()), policy.own)
+
+
+async def dial_service(
+    svc: Service, policy: TargetPolicy, timeout: float, lan: Callable[[], Iterable[IPNetwork]] = host_subnets
+) -> Dialed:
     """Dial a discovered service at the first of its addresses that the policy allows."""
-    dialer = Dialer(service_policy(policy), timeout)
+    dialer = Dialer(service_policy(policy, lan), timeout)
     last: DialError | None = None
     for addr in svc.addresses or [svc.host]:
         try:

@@ -4,9 +4,10 @@ A ``CONNECT`` hop names one of:
 
 * a **listener** registered on this node (its relay role): reached through its pool or a
   dial-back; needs a connect key only with ``connect_auth=all``;
-* a **service** this node discovered on its LAN (mDNS), by its listenId: dialed under the
-  node's policy; needs a connect key unless its owner published it for HomeNet (with
-  ``connect_auth=direct``), always with ``all``, never with ``none``;
+* a **service** this node discovered on its LAN (mDNS), by its listenId: dialed at an address
+  in the node's ``--allow`` rules or the host's own subnets; needs a connect key unless the
+  operator named it with ``--public-service`` (with ``connect_auth=direct``), always with
+  ``all``, never with ``none``;
 * a **direct target** ``ip:port`` / ``host:port``: dialed under the node's policy; needs a
   connect key unless ``connect_auth=none``.
 
@@ -21,7 +22,7 @@ from homenet.node.address import Endpoint, ListenId
 from homenet.node.auth import Authorizer
 from homenet.node.connection import Handshake
 from homenet.node.dialer import Dialed, Dialer, DialError
-from homenet.node.discovery import Service, dial_service
+from homenet.node.discovery import PublicServices, Service, dial_service
 from homenet.node.errors import Code, RouteError
 from homenet.node.fleet import Fleet, Owner
 from homenet.node.keys import Key
@@ -59,8 +60,11 @@ class Router:
         listeners: Listeners | None = None,
         services: Services | None = None,
         fleet: Fleet | None = None,
+        public: PublicServices | None = None,
     ) -> None:
         self.dialer = dialer
+        #: Services the operator opened to clients without a key (``--public-service``).
+        self.public = public or PublicServices()
         self.authorizer = authorizer
         self.connect_auth = connect_auth
         self.listeners = listeners
@@ -100,7 +104,7 @@ class Router:
                     return await self._to_owner(hs, hop, owner)
             what = "listener or service" if self.listeners is not None else "listener"
             raise RouteError(Code.NOT_FOUND, f"no {what} {hop} on this node")
-        if self.connect_auth == "all" or (self.connect_auth == "direct" and not svc.public):
+        if self.connect_auth == "all" or (self.connect_auth == "direct" and svc not in self.public):
             self.authorize(hs, "connect")
         try:
             dialed = await dial_service(svc, self.dialer.policy, self.dialer.timeout)

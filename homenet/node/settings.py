@@ -163,6 +163,12 @@ class Settings:
     worker_accept: str = _opt(
         "reuseport", "how workers share the port (default reuseport)", choices=("reuseport", "shared")
     )
+    #: Discovered services clients reach without a connect key (connect_auth direct): by
+    #: listenId, instance name or type (``_homenet._tcp``). Never what a record says of itself.
+    public_services: tuple[str, ...] = _opt(
+        (), "a discovered service reachable without a connect key: listenId, name or _type (repeatable)",
+        metavar="SERVICE", flag="--public-service",
+    )  # fmt: skip
     #: The HTTP gateway on the one port (HTTP/1.x requests routed to a home's web servers).
     http_gateway: bool = _opt(True, "turn the HTTP gateway on the one port off", flag="--no-http-gateway")
     #: HTTP gateway: requests for ``<listenId>.DOMAIN`` go to that listener (wildcard DNS).

@@ -28,6 +28,7 @@ from zeroconf.asyncio import AsyncServiceBrowser, AsyncServiceInfo, AsyncZerocon
 
 from homenet.node.address import parse_url
 from homenet.node.client import RouteFailed, open_route
+from homenet.node.discovery import HOMENET_TYPE
 from homenet.node.errors import Code
 from tests.conftest import StartNode
 from tests.helpers import NodeProc, echo_server, pattern, spawn
@@ -440,13 +441,13 @@ async def test_publish_is_seen_by_a_node_and_by_a_plain_browser(start_node: Star
                 info = AsyncServiceInfo(HTTP, full)
                 assert await info.async_request(azc.zeroconf, 3000)
                 assert info.port == echo.port
-                # publish marks the service public (hn-public=1) unless told --private
-                assert info.properties == {b"path": b"/pub", b"k": b"v=w", b"hn-public": b"1"}
+                # no hn-public mark: whether a service needs a key is the node operator's choice
+                assert info.properties == {b"path": b"/pub", b"k": b"v=w"}
                 assert info.parsed_addresses() == [LOOPBACK]
 
                 svc = await hn.wait_listed(node.url, name)
                 assert (svc["listen_id"], svc["port"], svc["addresses"]) == (f"pub-{tok}-http", echo.port, [LOOPBACK])
-                assert svc["txt"] == {"path": "/pub", "k": "v=w", "hn-public": "1"}
+                assert svc["txt"] == {"path": "/pub", "k": "v=w"}
             finally:
                 code = await publisher.stop()
             assert code == 0
@@ -544,3 +545,25 @@ async def test_watch_prints_added_and_removed(start_node: StartNode, tmp_path: P
             ]  # fmt: skip
             await unregister(azc, info)
             assert (await next_change(watch, "removed", second))[:3] == [second, "_http._tcp", f"watch-two-{tok}-http"]
+
+
+async def test_a_record_cannot_make_itself_public_only_the_operator_can(start_node: StartNode, tmp_path: Path) -> None:
+    """A LAN device's record saying hn-public=1 (or _homenet._tcp) opens nothing: anonymous
+    clients get 401 until the node's operator names the service with --public-service."""
+    tok = secrets.token_hex(3)
+    hn = Hnctl(tmp_path / "client")
+    strict = ("--connect-auth", "direct", "--allow", "127.0.0.1/32")
+    node = await start_node(args=mdns_node_args(tmp_path / "a", f"strict-{tok}", *strict))
+    opened = await start_node(
+        args=mdns_node_args(tmp_path / "b", f"opened-{tok}", *strict, "--public-service", f"claims-{tok}-homenet")
+    )
+    async with echo_server() as echo, loopback_zeroconf() as azc:
+        await register(azc, service_info(f"Claims {tok}", echo.port, type_=HOMENET_TYPE, txt={"hn-public": "1"}))
+        lid = (await hn.wait_listed(node.url, f"Claims {tok}"))["listen_id"]
+        assert lid == f"claims-{tok}-homenet"
+        with pytest.raises(RouteFailed) as refused:
+            await echo_via(f"{node.url}/{lid}", b"anyone?")
+        assert refused.value.code is Code.UNAUTHORIZED, refused.value
+        assert echo.connections == 0, "the node dialed the record's address for an anonymous client"
+        await hn.wait_listed(opened.url, f"Claims {tok}")
+        assert await echo_via(f"{opened.url}/{lid}", b"operator said so") == b"operator said so"

@@ -14,7 +14,7 @@ from homenet.node.address import Endpoint, ListenId, parse_url
 from homenet.node.auth import AuthError, Authorizer, Credentials, Verifier
 from homenet.node.connection import Handshake
 from homenet.node.dialer import Dialer, DialError
-from homenet.node.discovery import HOMENET_TYPE, Service
+from homenet.node.discovery import HOMENET_TYPE, PublicServices, Service
 from homenet.node.errors import Code, HomeNetError
 from homenet.node.keys import KeyStore
 from homenet.node.limits import SourceLimiter
@@ -61,9 +61,14 @@ def keys(tmp_path: Path) -> KeyStore:
     return store
 
 
-def router(keys: KeyStore, mode: str, listeners: FakeListeners | None = None, *services: Service) -> Router:
+def router(
+    keys: KeyStore, mode: str, listeners: FakeListeners | None = None, *services: Service, public: tuple[str, ...] = ()
+) -> Router:
     dialer = Dialer(TargetPolicy.from_specs([]), timeout=1.0)
-    return Router(dialer, Authorizer(Verifier(keys), SourceLimiter()), mode, listeners, FakeServices(*services))
+    return Router(
+        dialer, Authorizer(Verifier(keys), SourceLimiter()), mode, listeners, FakeServices(*services),
+        public=PublicServices(public),
+    )  # fmt: skip
 
 
 def hs(hop: str, signer: str | None = None, keys: KeyStore | None = None) -> Handshake:
@@ -78,9 +83,12 @@ def hs(hop: str, signer: str | None = None, keys: KeyStore | None = None) -> Han
     return h
 
 
-def svc(listen_id: str, public: bool) -> Service:
-    type_ = HOMENET_TYPE if public else "_ssh._tcp.local."
-    return Service(listen_id, listen_id, type_, "box.local.", ["169.254.1.1"], 22, {})
+def svc(listen_id: str, claims_public: bool = False) -> Service:
+    """A discovered service; ``claims_public``: its record says it is HomeNet's and public
+    (which must change nothing: only the operator makes a service public)."""
+    type_ = HOMENET_TYPE if claims_public else "_ssh._tcp.local."
+    txt = {"hn-public": "1"} if claims_public else {}
+    return Service(listen_id, listen_id, type_, "box.local.", ["169.254.1.1"], 22, txt)
 
 
 async def outcome(r: Router, h: Handshake, hop: Endpoint | ListenId) -> tuple[Code, str]:
@@ -123,25 +131,35 @@ async def test_listeners_need_a_key_only_with_all(keys: KeyStore, mode: str, nee
 @pytest.mark.parametrize(
     ("mode", "public", "signer", "want"),
     [
-        ("direct", True, None, (Code.FORBIDDEN, "RouteError")),  # public: no key asked, then the policy
-        ("direct", False, None, (Code.UNAUTHORIZED, "AuthError")),
-        ("direct", False, "alice", (Code.FORBIDDEN, "RouteError")),
-        ("all", True, None, (Code.UNAUTHORIZED, "AuthError")),
-        ("none", False, None, (Code.FORBIDDEN, "RouteError")),
+        ("direct", ("nas-ssh",), None, (Code.FORBIDDEN, "RouteError")),  # public: no key asked, then the policy
+        ("direct", ("_ssh._tcp",), None, (Code.FORBIDDEN, "RouteError")),  # by type
+        ("direct", (), None, (Code.UNAUTHORIZED, "AuthError")),
+        ("direct", ("other",), None, (Code.UNAUTHORIZED, "AuthError")),
+        ("direct", (), "alice", (Code.FORBIDDEN, "RouteError")),
+        ("all", ("nas-ssh",), None, (Code.UNAUTHORIZED, "AuthError")),
+        ("none", (), None, (Code.FORBIDDEN, "RouteError")),
     ],
 )
-async def test_services_need_a_key_unless_published_for_homenet(
-    keys: KeyStore, mode: str, public: bool, signer: str | None, want: tuple[Code, str]
+async def test_services_need_a_key_unless_the_operator_made_them_public(
+    keys: KeyStore, mode: str, public: tuple[str, ...], signer: str | None, want: tuple[Code, str]
 ) -> None:
     h = hs("nas-ssh", signer, keys)
-    assert await outcome(router(keys, mode, FakeListeners({}), svc("nas-ssh", public)), h, ListenId("nas-ssh")) == want
+    r = router(keys, mode, FakeListeners({}), svc("nas-ssh"), public=public)
+    assert await outcome(r, h, ListenId("nas-ssh")) == want
+    h.sock.close()
+
+
+async def test_a_record_that_calls_itself_public_still_needs_a_key(keys: KeyStore) -> None:
+    h = hs("fake", None, keys)
+    r = router(keys, "direct", FakeListeners({}), svc("fake", claims_public=True))
+    assert await outcome(r, h, ListenId("fake")) == (Code.UNAUTHORIZED, "AuthError")
     h.sock.close()
 
 
 async def test_a_listener_shadows_a_service_of_the_same_id(keys: KeyStore) -> None:
     listeners = FakeListeners({"nas": Listener("nas", b"")})
     h = hs("nas")
-    assert await outcome(router(keys, "direct", listeners, svc("nas", True)), h, ListenId("nas")) == (
+    assert await outcome(router(keys, "direct", listeners, svc("nas", claims_public=True)), h, ListenId("nas")) == (
         Code.OK,
         "listener nas",
     )
