@@ -501,12 +501,61 @@ def test_pods_are_hardened(rendered: Rendered) -> None:
 def test_network_policy_keeps_relays_from_cloud_metadata(rendered: Rendered) -> None:
     policies = rendered.all("NetworkPolicy")
     assert bool(policies) == (rendered.overlay == "prod")
+    # policies add up: the pods' egress is restricted by those naming Egress, allowed by their rules' union
+    egress = [p for p in policies if "Egress" in p["spec"].get("policyTypes", [])]
+    assert bool(egress) == bool(policies), "one of the policies restricts egress"
     for pol in policies:
+        assert pol in egress or "egress" not in pol["spec"], "egress rules in a policy without Egress are ignored"
+    for pol in egress:
         assert metadata_leaks(pol) == []
         for rule in pol["spec"]["egress"]:
             for peer in rule["to"]:  # relays (this namespace) and the cluster DNS, nothing else
                 assert "podSelector" in peer
                 assert "ipBlock" not in peer
+
+
+def test_metrics_are_open_to_prometheus_only(rendered: Rendered, tmp_path: Path) -> None:
+    """components/metrics: /metrics without a key on its own port, which only the Prometheus pods
+    of the monitoring namespace reach; the annotations and deploy/prometheus's scrape job agree."""
+    settings = rendered.settings(rendered.relay, tmp_path)
+    endpoint = settings.metrics_endpoint()
+    template = rendered.deployment["spec"]["template"]
+    annotations = template["metadata"].get("annotations", {})
+    assert (endpoint is not None) == (rendered.overlay == "prod"), "prod is scraped"
+    if endpoint is None:
+        assert not any(k.startswith("prometheus.io/") for k in annotations), "no metrics, no scrape annotations"
+        return
+    host, port = endpoint
+    assert host in ("0.0.0.0", "::", POD_IP), "Prometheus scrapes the pod's address"
+    assert port not in (settings.port, settings.health_port), "never the one port nor the health port"
+    assert {p["name"]: p["containerPort"] for p in rendered.relay["ports"]}["metrics"] == port
+    scrape = {"prometheus.io/scrape": "true", "prometheus.io/port": str(port), "prometheus.io/path": "/metrics"}
+    assert annotations == scrape
+    # no key (a scraper holds no admin key): only a policy keeps the port from the rest of the cluster
+    assert settings.metrics_open
+    allowing = []
+    for pol in rendered.all("NetworkPolicy"):
+        for rule in pol["spec"].get("ingress", []):
+            to = [p["port"] for p in rule.get("ports", [])]
+            if to and port not in to and "metrics" not in to:
+                continue
+            where = f"NetworkPolicy {pol['metadata']['name']}: ingress to {port}"
+            assert rule.get("from"), f"{where} from anywhere"
+            for peer in rule["from"]:
+                assert "ipBlock" not in peer, f"{where} from addresses"
+                # both selectors in one peer: the Prometheus pods, in the monitoring namespace
+                assert peer.get("namespaceSelector", {}).get("matchLabels"), f"{where}: which namespace"
+                assert peer.get("podSelector", {}).get("matchLabels"), f"{where}: which pods"
+            allowing.append(rule)
+    assert allowing, f"no NetworkPolicy lets Prometheus reach port {port}"
+    # deploy/prometheus/scrape-homenet.yaml keeps these pods, on this port, in this namespace
+    job = _yaml_all((DEPLOY / "prometheus" / "scrape-homenet.yaml").read_text())[0]["scrape_configs"][0]
+    assert rendered.deployment["metadata"]["namespace"] in job["kubernetes_sd_configs"][0]["namespaces"]["names"]
+    regexes = {tuple(r["source_labels"]): r["regex"] for r in job["relabel_configs"] if r.get("action") == "keep"}
+    name = rendered.pod_labels["app.kubernetes.io/name"]
+    assert regexes[("__meta_kubernetes_pod_label_app_kubernetes_io_name",
+                    "__meta_kubernetes_pod_annotation_prometheus_io_scrape")] == f"{name};true"  # fmt: skip
+    assert regexes[("__meta_kubernetes_pod_container_port_name",)] == "metrics"
 
 
 @pytest.mark.parametrize(
