@@ -17,7 +17,7 @@ import binascii
 import contextlib
 import logging
 import ssl
-from collections.abc import Awaitable, Callable, Iterable, Mapping
+from collections.abc import Awaitable, Callable, Collection, Iterable, Mapping
 from dataclasses import dataclass
 from http import HTTPStatus
 
@@ -71,14 +71,20 @@ class AdminServer:
         limiter: SourceLimiter,
         *,
         open_access: bool,
+        open_paths: Collection[str] = (),
         tls: ssl.SSLContext | None = None,
+        keys_need_tls: bool = False,
         max_connections: int = MAX_CONNECTIONS,
     ) -> None:
         self.pages = pages
         self.keys = keys
         self.limiter = limiter
-        #: True: no key asked (a loopback address, or metrics_auth none).
+        #: True: no key asked anywhere (a loopback address); else only for ``open_paths``
+        #: (``/metrics`` with metrics_auth none), and a key only over TLS.
         self.open_access = open_access
+        self.open_paths = frozenset(open_paths)
+        #: Off loopback a key is taken only over TLS (without it, only ``open_paths`` are served).
+        self.keys_need_tls = keys_need_tls
         self.tls = tls
         self.max_connections = max_connections
         self._server: asyncio.Server | None = None
@@ -163,13 +169,16 @@ class AdminServer:
     async def _answer(self, request: h11.Request, source: str) -> tuple[Page, list[tuple[bytes, bytes]]]:
         if request.method not in (b"GET", b"HEAD"):
             return Page(b"only GET and HEAD here\n", "text/plain", 405), [(b"allow", b"GET, HEAD")]
-        if not self.open_access:
+        path = request.target.split(b"?", 1)[0].decode("ascii", "replace")
+        if not self.open_access and path not in self.open_paths:
+            if self.keys_need_tls and self.tls is None:  # metrics_auth none off loopback, no TLS
+                return Page(b"this page needs TLS on this address (an admin key must not cross in clear)\n",
+                            "text/plain", 403), []  # fmt: skip
             verdict = self._check_key(request.headers, source)
             if verdict is not None:
                 return Page(verdict.encode() + b"\n", "text/plain", 401), [
                     (b"www-authenticate", b'Basic realm="HomeNet admin", charset="UTF-8"')
                 ]
-        path = request.target.split(b"?", 1)[0].decode("ascii", "replace")
         handler = self.pages.get(path)
         if handler is None:
             return Page(b"no such page\n", "text/plain", 404), []

@@ -163,6 +163,12 @@ class NodeCollector(Collector):
                                   value=lim.penalties_total)  # fmt: skip
         yield GaugeMetricFamily("homenet_sources_blocked", "Sources blocked now", value=lim.blocked_count())
         yield GaugeMetricFamily("homenet_handshakes", "Connections in handshake now", value=lim.total)
+        s = self.node.settings
+        yield GaugeMetricFamily("homenet_handshakes_max", "The cap on connections in handshake", value=lim.max_total)
+        yield GaugeMetricFamily("homenet_sessions_max", "The cap on sessions open at once", value=s.max_sessions)
+        yield GaugeMetricFamily(
+            "homenet_listener_sessions_max", "The cap on one listener's sessions", value=s.max_listener_sessions
+        )
 
     def _rl(self) -> Iterator[Metric]:
         if not self.rl:

@@ -216,10 +216,12 @@ class NodeRuntime:
             self.fleet.directory if self.fleet is not None else None, views,
         )  # fmt: skip
         registry = registry_for(collector)
-        tls = core.node.tls if not s.metrics_open else None
+        loopback = s.metrics_loopback
         return AdminServer(
             pages(lambda: exposition(registry), node, core.relay, fleet),
-            core.keys, core.limiter, open_access=s.metrics_open, tls=tls,
+            core.keys, core.limiter, open_access=loopback,
+            open_paths=("/metrics",) if s.metrics_auth == "none" else (), tls=None if loopback else core.node.tls,
+            keys_need_tls=not loopback,
         )  # fmt: skip
 
     async def _serve(self, sock: socket.socket, desc: str, early: bytes, depth: int) -> None:

@@ -57,7 +57,7 @@ class Acceptor:
         limiter: SourceLimiter,
         handshake_timeout: float,
         serve: Serve,
-        on_refused: Callable[[], None],
+        on_refused: Callable[[Code], None],
         explain_drops: bool = True,
     ) -> None:
         self.limiter = limiter
@@ -164,7 +164,7 @@ class Acceptor:
         self.track(self.serve(sock, peer, source, self._loop.time(), plain))
 
     def _refuse(self, sock: socket.socket, code: Code, why: str) -> None:
-        self.on_refused()
+        self.on_refused(code)
         with contextlib.suppress(OSError):
             sock.send(encode_reply(code, why))
         sock.close()
@@ -212,7 +212,7 @@ class Acceptor:
         self.limiter.release(victim.source)
         victim.source = None
         self.dropped += 1
-        self.on_refused()
+        self.on_refused(Code.TOO_MANY)
         if self.explain_drops:  # best effort, never waits
             with contextlib.suppress(OSError):
                 victim.sock.send(encode_reply(Code.TOO_MANY, "dropped to make room: node at its handshake cap"))

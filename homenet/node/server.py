@@ -130,7 +130,7 @@ class Node:
         )
         self.sessions = SessionTable(self.pool, settings.idle_timeout or None)
         self.acceptor = Acceptor(
-            limiter, settings.handshake_timeout, self._serve_admitted, self.sessions.refused, self.tls is None
+            limiter, settings.handshake_timeout, self._serve_admitted, self._refused_at_accept, self.tls is None
         )
         self.http = HttpPlane(self._route_first, settings.http_domain, settings.dial_timeout, tunnel)
         self.planes: dict[Plane, tuple[PlanePreamble, PlaneHandler]] = {
@@ -237,6 +237,11 @@ class Node:
         activated dial-back and pool connections come here, ``buf`` already read)."""
         self._start(Handshake(sock, peer, buf, depth, since=asyncio.get_running_loop().time()))
 
+    def _refused_at_accept(self, code: Code) -> None:
+        """The acceptor refused a connection (caps, a blocked source) or dropped one to make room."""
+        self.sessions.refused()
+        bump(self.outcomes, ("unknown", str(int(code))))
+
     def _serve_admitted(self, sock: socket.socket, peer: str, source: str, since: float, plain: bool) -> Handshake:
         hs = Handshake(sock, peer, source=source, since=since)
         if plain:
@@ -291,8 +296,12 @@ class Node:
         except Exception:  # a bug must cost one connection, never the node
             outcome = str(int(Code.INTERNAL))
             log.exception("handshake.bug", extra=fields(peer=hs.peer))
+        except asyncio.CancelledError:  # dropped to make room (counted then) or the node closing
+            outcome = ""
+            raise
         finally:
-            bump(self.outcomes, (_plane_label(plane, hs), outcome))
+            if outcome:
+                bump(self.outcomes, (_plane_label(plane, hs), outcome))
             if plane is Plane.HTTP:
                 self.http.forget(hs)
             self.acceptor.release(hs)

@@ -283,9 +283,14 @@ class Settings:
 
     @property
     def metrics_open(self) -> bool:
-        """The metrics address serves without a key (loopback, or metrics_auth none)."""
+        """``/metrics`` is served without a key (loopback, or metrics_auth none)."""
+        return self.metrics_auth == "none" or self.metrics_loopback
+
+    @property
+    def metrics_loopback(self) -> bool:
+        """The metrics address is on loopback: every page is served without a key."""
         ep = self.metrics_endpoint()
-        return self.metrics_auth == "none" or (ep is not None and _loopback(ep[0]))
+        return ep is not None and _loopback(ep[0])
 
     def _check_metrics(self) -> None:
         if not self.metrics_bind:

@@ -225,3 +225,24 @@ async def test_a_fleet_relay_reports_its_peers_and_forwards(start_node: StartNod
 
 async def _holds(relay: NodeProc, admin: Credentials, listen_id: str) -> bool:
     return any(x.listen_id == listen_id and x.state == "online" for x in await listener_records(relay, admin))
+
+
+async def test_refusals_at_accept_and_the_caps_are_exported(start_node: StartNode) -> None:
+    node = await start_node(
+        args=node_args("127.0.0.1", "--max-per-source", "1", "--max-sessions", "7", "--metrics-bind", "127.0.0.1:0")
+    )
+    before = await scrape(node)
+    assert value(before, "homenet_sessions_max") == 7
+    assert value(before, "homenet_handshakes_max") == 256
+    held = await dial(node.host, node.port, source="127.0.0.5")  # in handshake: it sends nothing
+    try:
+        async with asyncio.timeout(10.0):
+            while value(await scrape(node), "homenet_handshakes") < 1:
+                await asyncio.sleep(0.05)
+        refused = await exchange(node, b"", b"", source="127.0.0.5")
+        assert refused.startswith(b"HN/1 429 "), refused
+    finally:
+        await held.close()
+    after = await scrape(node)
+    assert moved(before, after, "homenet_sessions_total", plane="unknown", code="429") == 1
+    assert moved(before, after, "homenet_refusals_total", code="429") == 1
