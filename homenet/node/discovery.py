@@ -422,7 +422,7 @@ def service_policy(policy: TargetPolicy, lan: Callable[[], Iterable[IPNetwork]] 
     subnets the host is on (a LAN record names a LAN host). A record naming any other address
     gets what a direct hop to it would get (403); guarded ranges (loopback, link-local,
     metadata) still need the node's explicit ``--allow``."""
-    return TargetPolicy((*policy.allow, *lan()), policy.own)
+    return TargetPolicy((*policy.allow, *lan()), policy.own, policy.local)
 
 
 async def dial_service(

@@ -17,8 +17,9 @@ Rules, in order:
 from __future__ import annotations
 
 import ipaddress
+import time
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from homenet.node.errors import Code, HomeNetError
 
@@ -114,12 +115,29 @@ def local_addresses() -> list[IPAddress]:
     return [normalise(i.ip) for i in interface_addresses()]
 
 
+#: Seconds the host's own addresses are trusted before they are listed again.
+_LOCAL_TTL = 5.0
+_local_cache: tuple[float, frozenset[IPAddress]] = (-_LOCAL_TTL, frozenset())
+
+
+def host_addresses() -> frozenset[IPAddress]:
+    """This host's addresses now (listed again every few seconds: an address added after
+    the node started must not let it dial itself)."""
+    global _local_cache
+    now = time.monotonic()
+    if now - _local_cache[0] >= _LOCAL_TTL:
+        _local_cache = (now, frozenset(local_addresses()))
+    return _local_cache[1]
+
+
 @dataclass(frozen=True)
 class TargetPolicy:
     """Allow rules for direct targets, plus the node's own endpoint (never dialed)."""
 
     allow: tuple[IPNetwork, ...] = ()
     own: tuple[tuple[IPAddress, int], ...] = ()
+    #: This host's addresses (a wildcard listener is reached by any of them), asked at check time.
+    local: Callable[[], frozenset[IPAddress]] = field(default=host_addresses, compare=False, repr=False)
 
     @classmethod
     def from_specs(cls, specs: Sequence[str], lan: Callable[[], Iterable[IPNetwork]] = lan_networks) -> TargetPolicy:
@@ -130,13 +148,16 @@ class TargetPolicy:
 
     def with_own(self, addr: IPAddress, port: int) -> TargetPolicy:
         """The same policy that also refuses ``addr:port`` (the node's own listener)."""
-        return TargetPolicy(self.allow, (*self.own, (normalise(addr), port)))
+        return TargetPolicy(self.allow, (*self.own, (normalise(addr), port)), self.local)
+
+    def _is_local(self, addr: IPAddress) -> bool:
+        return addr.is_loopback or addr.is_unspecified or addr in self.local()
 
     def check(self, addr: IPAddress, port: int) -> None:
         """Raise :class:`PolicyError` unless dialing ``addr:port`` is allowed."""
         addr = normalise(addr)
         for own_addr, own_port in self.own:
-            if port == own_port and (addr == own_addr or (own_addr.is_unspecified and _is_local(addr))):
+            if port == own_port and (addr == own_addr or (own_addr.is_unspecified and self._is_local(addr))):
                 raise PolicyError(f"{_fmt(addr, port)} is this node's own listener")
         guarded = next(((net, kind) for net, kind in GUARDED if addr in net), None)
         for rule in self.allow:
@@ -149,10 +170,6 @@ class TargetPolicy:
                 f"{_fmt(addr, port)} is {guarded[1]}; allowed only if named explicitly (--allow {guarded[0]})"
             )
         raise PolicyError(f"{_fmt(addr, port)} is not allowed here (the node operator can add --allow CIDR)")
-
-
-def _is_local(addr: IPAddress) -> bool:
-    return addr.is_loopback or addr.is_unspecified
 
 
 def _fmt(addr: IPAddress, port: int) -> str:

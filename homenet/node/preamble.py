@@ -237,6 +237,36 @@ class RequestParser(_LineReader):
         return parse_request_line(line)
 
 
+#: The request field a node stamps on the next hop's request: hops the route already took.
+DEPTH_FIELD = "depth"
+
+
+def stamp_depth(data: bytes, depth: int) -> bytes | None:
+    """``data`` (bytes a client pipelined after its request) with its first request line
+    stamped ``depth=DEPTH``, so the next node counts this hop even when it was a direct
+    ``ip:port`` one (two nodes that allow each other cannot bounce a route forever). None:
+    the line is not complete yet. Bytes that are not a request line come back unchanged."""
+    if not data.startswith(MAGIC):
+        return data
+    end = data.find(b"\n")
+    if end < 0:
+        return None if len(data) < MAX_LINE else data  # the next node refuses an overlong line
+    try:
+        req = parse_request_line(data[:end].rstrip(b"\r"))
+    except ProtocolError:
+        return data  # the next node refuses it, with its own reason
+    try:
+        return encode_request(req.verb, req.arg, {**req.fields, DEPTH_FIELD: str(depth)}) + data[end + 1 :]
+    except ValueError:  # no room for the stamp: refuse rather than let the hop go uncounted
+        raise ProtocolError(Code.BAD_REQUEST, "the next request line has no room for its hop count") from None
+
+
+def request_depth(req: Request) -> int:
+    """The hop count a request carries (0 when none: a client's first hop)."""
+    text = req.fields.get(DEPTH_FIELD, "0")
+    return int(text) if text.isdigit() and len(text) <= 3 else 0
+
+
 def parse_request_line(line: bytes) -> Request:
     """Parse one request line (without its terminator)."""
     m = _PLAIN_REQUEST.fullmatch(line)

@@ -18,7 +18,7 @@ from collections.abc import Awaitable, Callable, Mapping
 from ipaddress import ip_address
 
 from homenet.node.acceptor import Acceptor
-from homenet.node.address import AddressError, Endpoint, parse_hop
+from homenet.node.address import MAX_HOPS, AddressError, Endpoint, parse_hop
 from homenet.node.connection import Handshake
 from homenet.node.dialer import connect, recv_some, wait_readable
 from homenet.node.errors import Code, HomeNetError, RouteError
@@ -27,8 +27,9 @@ from homenet.node.handoff import HandedOff
 from homenet.node.httproute import raw_refusal
 from homenet.node.limits import SourceLimiter
 from homenet.node.log import fields
-from homenet.node.policy import local_addresses, normalise
+from homenet.node.policy import normalise
 from homenet.node.preamble import (
+    MAGIC,
     NEED_DATA,
     Plane,
     ProtocolError,
@@ -37,6 +38,8 @@ from homenet.node.preamble import (
     Verb,
     detect_plane,
     encode_reply,
+    request_depth,
+    stamp_depth,
 )
 from homenet.node.router import Router
 from homenet.node.sessions import SessionTable, Target
@@ -179,10 +182,7 @@ class Node:
         """Never dial our own listener, by any of its addresses."""
         own = normalise(ip_address(ep.host))
         dialer = self.router.dialer
-        dialer.policy = dialer.policy.with_own(own, ep.port)
-        if own.is_unspecified:
-            for addr in local_addresses():
-                dialer.policy = dialer.policy.with_own(addr, ep.port)
+        dialer.policy = dialer.policy.with_own(own, ep.port)  # a wildcard: any address the host has at dial time
 
     @property
     def address(self) -> Endpoint:
@@ -346,7 +346,10 @@ class Node:
             parser.receive_data(await recv_some(hs.sock, _RECV))
         assert isinstance(event, Request)
         hs.request, hs.trailing = event, parser.trailing()
+        hs.depth = max(hs.depth, request_depth(event))
         self.acceptor.settle(hs)
+        if hs.depth > MAX_HOPS:
+            raise RouteError(Code.HOP_LIMIT, f"route longer than {MAX_HOPS} hops")
 
     async def _serve_request(self, hs: Handshake, buf: bytes) -> bool:
         """Serve the data-plane request read by :meth:`_read_request`."""
@@ -371,7 +374,12 @@ class Node:
             target: Target = await self.router.route(hs, hop)
         except HandedOff:  # a sibling worker serves it
             return True
-        await self.sessions.splice(hs.sock, hs.peer, hs.trailing, target, event.arg)
+        try:
+            early, sent = await self._stamped(hs)
+        except BaseException:
+            target.sock.close()
+            raise
+        await self.sessions.splice(hs.sock, hs.peer, early, target, event.arg, sent)
         self.setup_seconds.observe(self._now() - hs.since)
         return True
 
@@ -394,6 +402,25 @@ class Node:
             raise RouteError(Code.BAD_REQUEST, str(exc)) from None
         sub = Handshake(hs.sock, hs.peer, depth=hs.depth, request=request, tls=hs.tls, gateway=True)
         return await self.router.route(sub, hop)
+
+    async def _stamped(self, hs: Handshake) -> tuple[bytes, int]:
+        """The client's pipelined bytes, the next request line stamped with the hop count.
+        A line that came cut (even after its first byte) is read to its end first, within the
+        handshake deadline: a client must not dodge the count by splitting its lines. Returns
+        the bytes to send on and how many of them the client sent."""
+        early = hs.trailing
+        async with asyncio.timeout(self.settings.handshake_timeout):
+            while True:
+                if early.startswith(MAGIC):
+                    stamped = stamp_depth(early, hs.depth + 1)
+                    if stamped is not None:
+                        return stamped, len(early)
+                elif not early or not MAGIC.startswith(early):
+                    return early, len(early)  # a payload, not a request line
+                chunk = await recv_some(hs.sock, _RECV)
+                if not chunk:
+                    return early, len(early)
+                early += chunk
 
     def _now(self) -> float:
         loop = self._loop

@@ -106,8 +106,11 @@ class SessionTable:
     def refused(self) -> None:
         self.counters.refused += 1
 
-    async def splice(self, client: socket.socket, peer: str, early: bytes, target: Target, name: str) -> None:
-        """Reply OK, hand ``early`` (the client's pipelined bytes) over, splice client <-> target."""
+    async def splice(
+        self, client: socket.socket, peer: str, early: bytes, target: Target, name: str, counted: int | None = None
+    ) -> None:
+        """Reply OK, hand ``early`` (the client's pipelined bytes) over, splice client <-> target;
+        ``counted``: how many of those bytes the client sent (the node may have stamped a line)."""
         info = SessionInfo(next(self._ids), peer, name, target.dialed, time.time())
         try:
             # plain sends first: a reply line and a first payload nearly always fit at once
@@ -134,7 +137,7 @@ class SessionTable:
         if self._loop is None:  # asked once: get_running_loop() costs a getpid() syscall
             self._loop = asyncio.get_running_loop()
         sp = Splice(client, target.sock, self.pool, idle_timeout=self.idle_timeout, on_close=closed, loop=self._loop)
-        sp.up.bytes = len(early)  # pipelined payload already delivered above
+        sp.up.bytes = len(early) if counted is None else counted  # pipelined payload already delivered above
         info.splice = sp
         if not self.live:
             self._idle.clear()

@@ -345,3 +345,17 @@ def test_own_check_applies_even_without_allow_rules() -> None:
         pol.check(ip("127.0.0.1"), 6969)
     with pytest.raises(PolicyError, match="loopback"):
         pol.check(ip("127.0.0.1"), 22)
+
+
+def test_a_wildcard_listener_is_reached_by_any_address_the_host_has_now() -> None:
+    """The host's addresses are asked at check time: one added after start counts too."""
+    addresses = {ip("192.168.1.5")}
+    pol = TargetPolicy.from_specs(["10.0.0.0/8", "192.168.0.0/16"])
+    pol = TargetPolicy(pol.allow, pol.own, lambda: frozenset(addresses)).with_own(ip("0.0.0.0"), 6969)
+    with pytest.raises(PolicyError, match="own listener"):
+        pol.check(ip("192.168.1.5"), 6969)
+    pol.check(ip("10.1.2.3"), 6969)  # not ours (yet)
+    addresses.add(ip("10.1.2.3"))  # a new address (DHCP, a VPN coming up)
+    with pytest.raises(PolicyError, match="own listener"):
+        pol.check(ip("10.1.2.3"), 6969)
+    pol.check(ip("10.1.2.3"), 22)  # another port of the host is the operator's business

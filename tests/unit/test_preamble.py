@@ -27,6 +27,8 @@ from homenet.node.preamble import (
     encode_request,
     parse_reply_line,
     parse_request_line,
+    request_depth,
+    stamp_depth,
 )
 
 REQ1 = b"HN/1 CONNECT home1 ticket=abc-123 x_y=\r\n"
@@ -693,3 +695,41 @@ def test_arbitrary_bytes_only_ever_raise_protocol_error(data: bytes, cuts: list[
         # trailing never hands back more than was fed
         assert len(parser.trailing()) <= len(data)
     assert all(isinstance(c, Code) and c is not Code.OK for c in codes)
+
+
+# -- hop counting across direct hops -------------------------------------------------------------
+
+
+def test_the_next_request_line_is_stamped_with_the_hop_count() -> None:
+    data = b"HN/1 CONNECT 10.0.0.5:22 key=k ts=1 nonce=n mac=m depth=0\nPAYLOAD"
+    stamped = stamp_depth(data, 3)
+    assert stamped is not None
+    line, _, rest = stamped.partition(b"\n")
+    req = parse_request_line(line)
+    assert (req.arg, req.fields["depth"], req.fields["key"], rest) == ("10.0.0.5:22", "3", "k", b"PAYLOAD")
+    assert request_depth(req) == 3
+
+
+@pytest.mark.parametrize(
+    ("data", "want"),
+    [
+        (b"", b""),
+        (b"SSH-2.0-x\r\n", b"SSH-2.0-x\r\n"),  # a payload, not a request line
+        (b"HN/1 CONNECT a", None),  # cut: read the rest first
+        (b"HN/1 FETCH a\nrest", b"HN/1 FETCH a\nrest"),  # malformed: the next node says why
+    ],
+)
+def test_what_is_not_a_complete_request_line_is_left_alone(data: bytes, want: bytes | None) -> None:
+    assert stamp_depth(data, 1) == want
+
+
+def test_a_line_with_no_room_for_the_stamp_is_refused() -> None:
+    full = b"HN/1 CONNECT a " + b" ".join(f"f{i}=v".encode() for i in range(16)) + b"\n"
+    with pytest.raises(ProtocolError) as err:
+        stamp_depth(full, 2)
+    assert err.value.code is Code.BAD_REQUEST
+
+
+@pytest.mark.parametrize(("text", "want"), [("4", 4), ("0", 0), ("x", 0), ("-1", 0), ("99999", 0)])
+def test_request_depth_reads_only_small_numbers(text: str, want: int) -> None:
+    assert request_depth(Request(Verb.CONNECT, "a", {"depth": text})) == want
