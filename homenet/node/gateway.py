@@ -18,8 +18,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import html
 import ipaddress
 import logging
+import re
 import socket
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -112,7 +114,8 @@ class HttpPlane:
 
     @property
     def open_count(self) -> int:
-        return len(self._sessions)
+        """Gateway connections open, upgraded ones (spliced WebSockets) included."""
+        return len(self._sessions) + len(self.splices)
 
     async def preamble(self, hs: Handshake, buf: bytes) -> None:
         """Read the first request's head (the caller holds the handshake deadline)."""
@@ -121,9 +124,11 @@ class HttpPlane:
         try:
             event = await next_event(conn, hs.sock, None)
         except h11.RemoteProtocolError as exc:
-            raise ProtocolError(Code.BAD_REQUEST, f"bad HTTP request: {exc}") from None
+            raise head_error(exc) from None
         if not isinstance(event, h11.Request):
             raise ConnectionResetError("closed before a request")
+        if head_size(event) > MAX_HEAD:
+            raise HeadRefused(431, _TOO_BIG)
         self._pending[hs] = (conn, event)
 
     async def serve(self, hs: Handshake, buf: bytes) -> bool:
@@ -153,6 +158,29 @@ class HttpPlane:
         for s in list(self._sessions):
             s.close()
         self.splices.abort_all("node closed")
+
+
+class HeadRefused(ProtocolError):
+    """A request head refused before it is served, with the HTTP status it gets."""
+
+    def __init__(self, status: int, reason: str) -> None:
+        super().__init__(Code.TOO_LARGE if status == 431 else Code.BAD_REQUEST, reason)
+        self.http_status = status
+
+
+_TOO_BIG = f"request head over {MAX_HEAD // 1024} KiB"
+
+
+def head_error(exc: h11.RemoteProtocolError) -> HeadRefused:
+    """What an h11 parse error is sent as (h11 names the status: 431 for an overlong head)."""
+    if exc.error_status_hint == 431:
+        return HeadRefused(431, _TOO_BIG)
+    return HeadRefused(400, "malformed HTTP request (request line or headers)")
+
+
+def head_size(req: h11.Request) -> int:
+    """About the bytes of a parsed request head (h11 bounds only a head still incomplete)."""
+    return len(req.method) + len(req.target) + 12 + sum(len(k) + len(v) + 4 for k, v in req.headers)
 
 
 async def next_event(conn: h11.Connection, sock: socket.socket, timeout: float | None) -> object:
@@ -192,8 +220,12 @@ class GatewaySession:
         while request is not None:
             try:
                 keep = await self.one(request)
-            except (h11.RemoteProtocolError, ProtocolError) as exc:
-                await self._try_refuse(Code.BAD_REQUEST, f"bad HTTP: {exc}", request)
+            except h11.RemoteProtocolError as exc:
+                refused = head_error(exc)
+                await self._try_refuse(refused.code, refused.reason, request, refused.http_status)
+                return
+            except ProtocolError as exc:
+                await self._try_refuse(exc.code, exc.reason, request)
                 return
             if not keep or self.plane.draining:
                 return
@@ -206,12 +238,19 @@ class GatewaySession:
         self.idle = True
         try:
             event = await next_event(self.conn, self.sock, IDLE_TIMEOUT)
-        except (TimeoutError, asyncio.CancelledError, OSError, h11.RemoteProtocolError):
+        except h11.RemoteProtocolError as exc:
+            refused = head_error(exc)
+            await self._try_refuse(refused.code, refused.reason, None, refused.http_status)
+            return None
+        except (TimeoutError, asyncio.CancelledError, OSError):
             if self.plane.draining and (t := asyncio.current_task()) is not None:
                 t.uncancel()
             return None
         finally:
             self.idle = False
+        if isinstance(event, h11.Request) and head_size(event) > MAX_HEAD:
+            await self._try_refuse(Code.TOO_LARGE, _TOO_BIG, event, 431)
+            return None
         return event if isinstance(event, h11.Request) else None
 
     def wake_if_idle(self) -> None:
@@ -222,6 +261,9 @@ class GatewaySession:
         if self.up is not None:
             self._drop_upstream()
         if not self.handed:
+            with contextlib.suppress(OSError):  # unread input would make close() reset the answer away
+                self.sock.shutdown(socket.SHUT_WR)
+                self.sock.recv(_CHUNK)
             self.sock.close()
 
     # -- one request -----------------------------------------------------------------------------
@@ -386,7 +428,9 @@ class GatewaySession:
         if request.method == b"POST":
             return await self._login(request)
         secure = self.hs.tls or _loopback(self.peer_ip)
-        return await self._page(200, _login_form(secure), "text/html; charset=utf-8", [])
+        query = request.target.partition(b"?")[2].decode("latin-1")
+        after = safe_next((parse_qs(query).get("next") or ["/"])[0])
+        return await self._page(200, _login_form(secure, after), "text/html; charset=utf-8", [])
 
     async def _login(self, request: h11.Request) -> bool:
         body = b""
@@ -402,9 +446,7 @@ class GatewaySession:
                 return False
         form = parse_qs(body.decode("utf-8", "replace"))
         key = (form.get("key") or [""])[0].strip()
-        after = (form.get("next") or ["/"])[0]
-        if not after.startswith("/") or after.startswith("//"):
-            after = "/"  # never an open redirect
+        after = safe_next((form.get("next") or ["/"])[0])
         if key_of([(b"authorization", b"Bearer " + key.encode("latin-1", "replace"))]) is None:
             return await self._refuse(
                 Code.BAD_REQUEST, "expected a key as ID:SECRET (the line homenet key new printed)", request
@@ -416,23 +458,37 @@ class GatewaySession:
             303, b"", "text/plain", [(b"location", after.encode()), (b"set-cookie", cookie.encode())]
         )
 
-    async def _refuse(self, code: Code, reason: str, request: h11.Request) -> bool:
-        headers = list(request.headers)
-        body, ctype = refusal_page(code, reason, as_html=wants_html(headers), login=code is Code.UNAUTHORIZED)
+    async def _refuse(
+        self, code: Code, reason: str, request: h11.Request | None, status: int | None = None, close: bool = False
+    ) -> bool:
+        headers = list(request.headers) if request is not None else []
+        if code is Code.UNAUTHORIZED:  # the data plane's hint names an environment variable
+            reason = reason.replace("(set HOMENET_KEY=ID:SECRET)", "(log in, or send Authorization: Bearer ID:SECRET)")
+        after = request.target.decode("latin-1") if request is not None else "/"
+        body, ctype = refusal_page(
+            code, reason, as_html=wants_html(headers), login=code is Code.UNAUTHORIZED, after=after
+        )
         extra = [(b"hn-error", f"{int(code)} {code.slug}".encode())]
         if code in (Code.MOVING, Code.TOO_MANY, Code.UNAVAILABLE):
             extra.append((b"retry-after", b"2"))
         log.info("gateway.refused", extra=fields(peer=self.hs.peer, code=int(code), reason=reason))
-        return await self._page(http_status(code), body, ctype, extra)
+        return await self._page(status or http_status(code), body, ctype, extra, close)
 
-    async def _try_refuse(self, code: Code, reason: str, request: h11.Request) -> None:
+    async def _try_refuse(
+        self, code: Code, reason: str, request: h11.Request | None, status: int | None = None
+    ) -> None:
         if self.conn.our_state in (h11.IDLE, h11.SEND_RESPONSE):
             with contextlib.suppress(OSError, TimeoutError, h11.ProtocolError):
-                await self._refuse(code, reason, request)
+                await self._refuse(code, reason, request, status, close=True)
 
-    async def _page(self, status: int, body: bytes, ctype: str, extra: list[tuple[bytes, bytes]]) -> bool:
+    async def _page(
+        self, status: int, body: bytes, ctype: str, extra: list[tuple[bytes, bytes]], close: bool = False
+    ) -> bool:
         """Send a page of our own; True if the connection can take another request."""
-        unread_body = self.conn.their_state is h11.SEND_BODY
+        if self.conn.their_state is h11.SEND_BODY:  # a bodiless request ends at once, with no read
+            with contextlib.suppress(h11.ProtocolError):
+                self.conn.next_event()
+        unread_body = close or self.conn.their_state not in (h11.DONE, h11.MUST_CLOSE, h11.CLOSED)
         headers = [(b"content-type", ctype.encode()), (b"content-length", str(len(body)).encode()),
                    (b"cache-control", b"no-store"), *extra]  # fmt: skip
         if unread_body:
@@ -442,6 +498,17 @@ class GatewaySession:
         await self._send_client(h11.EndOfMessage())
         bump(self.plane.responses, str(status))
         return not unread_body
+
+
+_PATH_CHARS = re.compile(r"/[A-Za-z0-9._~!$&'()*+,;=:@%/?-]*")
+
+
+def safe_next(after: str) -> str:
+    """Where the login page may send the browser back to: a path on this site, never another
+    site (``//host``, ``/\\host``, or one a browser would make so by dropping a tab)."""
+    if not _PATH_CHARS.fullmatch(after) or after.startswith("//"):
+        return "/"
+    return after
 
 
 def _request(hop: str, creds: Credentials | None) -> Request:
@@ -477,13 +544,14 @@ def _loopback(ip: str) -> bool:
         return False
 
 
-def _login_form(secure: bool) -> bytes:
+def _login_form(secure: bool, after: str) -> bytes:
     if not secure:
         form = "<p>This address is plain HTTP: a key typed here would cross the network in clear. Use https://.</p>"
     else:
         form = (
             '<form method="post" action="/.hn/login"><label>HomeNet key (ID:SECRET) '
             '<input name="key" type="password" autocomplete="current-password" required></label> '
+            f'<input type="hidden" name="next" value="{html.escape(after)}">'
             '<button type="submit">Log in</button></form>'
         )
     return (

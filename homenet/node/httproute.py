@@ -25,7 +25,7 @@ import re
 from collections.abc import Iterable
 from dataclasses import dataclass
 from http import HTTPStatus
-from urllib.parse import unquote
+from urllib.parse import quote, unquote
 
 from homenet.node.address import MAX_HOPS, AddressError, Hop, parse_hop
 from homenet.node.errors import Code
@@ -223,13 +223,14 @@ def http_status(code: Code) -> int:
     return int(code) if 400 <= int(code) <= 599 else 502
 
 
-def refusal_page(code: Code, reason: str, *, as_html: bool, login: bool) -> tuple[bytes, str]:
+def refusal_page(code: Code, reason: str, *, as_html: bool, login: bool, after: str = "/") -> tuple[bytes, str]:
     """The body and content type a refusal is sent with: one HTML page, or one text line."""
     line = f"HomeNet {int(code)} {code.slug}: {reason}"
     hint = _HINTS.get(code, "")
     if not as_html:
         return (line + "\n").encode(), "text/plain; charset=utf-8"
-    link = '<p><a href="/.hn/login">Log in with a HomeNet key</a></p>' if login else ""
+    back = html.escape(quote(after, safe="/"))
+    link = f'<p><a href="/.hn/login?next={back}">Log in with a HomeNet key</a></p>' if login else ""
     body = (
         "<!doctype html><html lang=en><head><meta charset=utf-8>"
         f"<title>HomeNet: {html.escape(code.slug)} ({int(code)})</title></head>"
@@ -243,11 +244,11 @@ def wants_html(headers: list[tuple[bytes, bytes]]) -> bool:
     return b"text/html" in (header(headers, b"accept") or b"")
 
 
-def raw_refusal(code: Code, reason: str) -> bytes:
+def raw_refusal(code: Code, reason: str, status: int | None = None) -> bytes:
     """A whole ``Connection: close`` response for a request the node refused before the
     gateway parsed it (a malformed head, a deadline): one text line."""
     body = f"HomeNet {int(code)} {code.slug}: {reason}\n".encode()
-    status = http_status(code)
+    status = status or http_status(code)
     head = (
         f"HTTP/1.1 {status} {HTTPStatus(status).phrase}\r\ncontent-type: text/plain; charset=utf-8\r\n"
         f"content-length: {len(body)}\r\nhn-error: {int(code)} {code.slug}\r\nconnection: close\r\n\r\n"
