@@ -90,6 +90,13 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
         self.roles = method_roles(settings)
 
     async def _check(self, method: str, context: grpc.aio.ServicerContext[Any, Any], request: Any) -> Key | None:
+        peer = self.grpc_plane.peer_of(_local_port(context.peer()))
+        if peer is None:  # not through the node's port: a local process on the private one
+            await abort(context, AuthError("call the node on its port, not its private control address"))
+        if self.authorizer.limiter.blocked(source_of(peer)):  # its HTTP/2 connection outlived the block
+            await abort(context, AuthError("source blocked after repeated failed authentication", forbidden=True))
+        if method not in self.roles:  # open: health, reflection, GetStatus
+            return None
         role, needs = self.roles[method]
         need = needs(request)
         if need == "skip":
@@ -98,7 +105,6 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
         token = {k: meta.get(f"x-homenet-{k}", "") for k in _META}
         if not token["key"] and need != "required":
             return None
-        peer = real_peer(self.grpc_plane, context.peer())
         if method in PEER_READABLE and self.fleet_key_id and token["key"] == self.fleet_key_id:
             role = FLEET_ROLE
         authorizer = self.fleet_authorizer if role == FLEET_ROLE else self.authorizer
@@ -115,35 +121,56 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
         continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler[Any, Any]]],
         details: grpc.HandlerCallDetails,
     ) -> grpc.RpcMethodHandler[Any, Any]:
+        """Every call is checked (where it came from, then the key its method needs), whatever
+        its kind: unary or streaming, listed or open."""
         handler = await continuation(details)
-        method = details.method
-        if handler is None or method not in self.roles:
+        if handler is None:
             return handler
-        check = self._check
+        method, check = details.method, self._check
+        ser = {"request_deserializer": handler.request_deserializer, "response_serializer": handler.response_serializer}
         if handler.unary_unary is not None:
-            inner: Any = handler.unary_unary  # the stubs type handlers as sync
+            uu: Any = handler.unary_unary  # the stubs type handlers as sync
 
             async def unary(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
                 CURRENT_KEY.set(await check(method, context, request))
-                return await inner(request, context)
+                return await uu(request, context)
 
-            return grpc.unary_unary_rpc_method_handler(
-                unary, request_deserializer=handler.request_deserializer,
-                response_serializer=handler.response_serializer,
-            )  # fmt: skip
+            return grpc.unary_unary_rpc_method_handler(unary, **ser)
+        if handler.unary_stream is not None:
+            us: Any = handler.unary_stream
+
+            async def out_stream(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
+                CURRENT_KEY.set(await check(method, context, request))
+                async for response in us(request, context):
+                    yield response
+
+            return grpc.unary_stream_rpc_method_handler(out_stream, **ser)
         if handler.stream_stream is not None:
-            inner_ss: Any = handler.stream_stream
+            ss: Any = handler.stream_stream
 
             async def streams(requests: AsyncIterator[Any], context: grpc.aio.ServicerContext[Any, Any]) -> Any:
                 CURRENT_KEY.set(await check(method, context, None))
-                async for response in inner_ss(requests, context):
+                async for response in ss(requests, context):
                     yield response
 
-            return grpc.stream_stream_rpc_method_handler(
-                streams, request_deserializer=handler.request_deserializer,
-                response_serializer=handler.response_serializer,
-            )  # fmt: skip
+            return grpc.stream_stream_rpc_method_handler(streams, **ser)
+        if handler.stream_unary is not None:
+            su: Any = handler.stream_unary
+
+            async def in_stream(requests: AsyncIterator[Any], context: grpc.aio.ServicerContext[Any, Any]) -> Any:
+                CURRENT_KEY.set(await check(method, context, None))
+                return await su(requests, context)
+
+            return grpc.stream_unary_rpc_method_handler(in_stream, **ser)
         return handler
+
+
+def _local_port(peer: str) -> int:
+    """The port of a gRPC peer string (``ipv4:127.0.0.1:PORT``), or -1."""
+    try:
+        return int(peer.rsplit(":", 1)[1])
+    except (IndexError, ValueError):
+        return -1
 
 
 def real_peer(grpc_plane: GrpcPlane, peer: str) -> str:

@@ -104,6 +104,10 @@ class NodeServicer(node_pb2_grpc.NodeServiceServicer):
         ]
 
 
+#: Milliseconds a gRPC connection may stay without any call before the node closes it.
+GRPC_IDLE_MS = 120_000
+
+
 class ControlServer:
     """The gRPC server of one node, bound to a private loopback port."""
 
@@ -116,6 +120,9 @@ class ControlServer:
                 ("grpc.max_concurrent_streams", 1000),
                 ("grpc.keepalive_permit_without_calls", 1),
                 ("grpc.http2.min_ping_interval_without_data_ms", 5000),
+                # a connection with no call for this long is closed (one that sent its preface
+                # and then idles must not hold its descriptors forever); streams keep theirs
+                ("grpc.max_connection_idle_ms", GRPC_IDLE_MS),
                 ("grpc.so_reuseport", 0),
             ],
         )

@@ -18,9 +18,9 @@ from collections.abc import Callable
 
 from homenet.node.address import Endpoint
 from homenet.node.connection import Handshake
-from homenet.node.dialer import listen_socket, tune
+from homenet.node.dialer import keepalive, listen_socket, tune
 from homenet.node.errors import Code
-from homenet.node.limits import SourceLimiter, source_of
+from homenet.node.limits import Descriptors, SourceLimiter, source_of
 from homenet.node.log import fields
 from homenet.node.preamble import encode_reply
 
@@ -59,8 +59,10 @@ class Acceptor:
         serve: Serve,
         on_refused: Callable[[Code], None],
         explain_drops: bool = True,
+        descriptors: Descriptors | None = None,
     ) -> None:
         self.limiter = limiter
+        self.descriptors = descriptors or Descriptors()
         self.handshake_timeout = handshake_timeout
         self.serve = serve
         self.on_refused = on_refused
@@ -86,6 +88,8 @@ class Acceptor:
         ``plain``: its connections speak no TLS. Returns where it listens."""
         self._loop = asyncio.get_running_loop()
         lsock.setblocking(False)
+        if lsock.family in (socket.AF_INET, socket.AF_INET6):
+            keepalive(lsock)  # inherited by every accepted connection
         self._lsocks[lsock] = plain
         if not self._paused:
             self._loop.add_reader(lsock.fileno(), self._on_accept, lsock)
@@ -143,6 +147,9 @@ class Acceptor:
                 log.warning("node.accept_paused", extra=fields(error=str(exc), seconds=_ACCEPT_PAUSE))
                 self._pause(_ACCEPT_PAUSE)
                 return
+            if self.descriptors.accept_full(sock.fileno()):
+                self._refuse(sock, Code.TOO_MANY, "node near its descriptor limit; retry later")
+                continue
             self._admit(sock, peer_str(addr), source_of(str(addr[0])), plain)
 
     def _admit(self, sock: socket.socket, peer: str, source: str, plain: bool = False) -> None:

@@ -96,6 +96,21 @@ async def listen_socket(host: str, port: int, backlog: int) -> socket.socket:
 _STREAM_NONBLOCK = socket.SOCK_STREAM | getattr(socket, "SOCK_NONBLOCK", 0)
 
 
+#: TCP keepalive of every connection the node holds: a peer gone without a FIN (a NAT that
+#: forgot the flow, a host powered off) is found after about 2 minutes of silence.
+KEEPALIVE_IDLE, KEEPALIVE_INTERVAL, KEEPALIVE_COUNT = 60, 15, 4
+
+
+def keepalive(sock: socket.socket) -> None:
+    """Turn TCP keepalive on (on a listening socket, its accepted sockets inherit it: no
+    syscall per connection)."""
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+    if hasattr(socket, "TCP_KEEPIDLE"):
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, KEEPALIVE_IDLE)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL, KEEPALIVE_INTERVAL)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT, KEEPALIVE_COUNT)
+
+
 def tune(sock: socket.socket) -> None:
     """Per-socket options of every spliced connection: non-blocking, no Nagle delay."""
     if sock.gettimeout() != 0.0:
@@ -110,6 +125,7 @@ async def connect(addr: IPAddress, port: int, timeout: float) -> socket.socket:
         if _STREAM_NONBLOCK == socket.SOCK_STREAM:  # no SOCK_NONBLOCK here: the socket blocks
             sock.setblocking(False)
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # what tune() does
+        keepalive(sock)
         # A plain non-blocking connect: loop.sock_connect() would resolve the literal address
         # again (uvloop sends that through its thread pool), once per session.
         err = sock.connect_ex((host_of(addr), port))

@@ -158,3 +158,40 @@ class SourceLimiter:
         """Sources blocked now."""
         now = self.clock()
         return sum(1 for rec in self._records.values() if rec.blocked_until > now)
+
+
+class Descriptors:
+    """Headroom under the open-files limit: new data-plane work stops first, gRPC (the
+    operators' and listeners' control plane) later, and accepting last, so a flood of
+    connections cannot take the descriptors a status call or a listener's stream needs.
+
+    A new socket's number is the lowest free one, so ``fd >= N`` means at least N are open:
+    a cheap lower bound of the use, asked per connection with no syscall.
+    """
+
+    def __init__(self, limit: int | None = None, reserve: int | None = None) -> None:
+        self.limit = limit if limit is not None else _nofile()
+        #: Descriptors kept for the control plane (a sixteenth of the limit, 16 at least).
+        self.reserve = reserve if reserve is not None else max(16, self.limit // 16)
+
+    def data_full(self, fd: int) -> bool:
+        """No new data-plane session (each needs a second descriptor for its target)."""
+        return fd >= self.limit - 2 * self.reserve
+
+    def grpc_full(self, fd: int) -> bool:
+        return fd >= self.limit - self.reserve
+
+    def accept_full(self, fd: int) -> bool:
+        """Close at once what was accepted this close to the limit."""
+        return fd >= self.limit - self.reserve // 2
+
+
+def _nofile() -> int:
+    """This process's open-files limit (a large number when unlimited or unknown)."""
+    try:
+        import resource
+
+        soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+        return soft if soft > 0 and soft != resource.RLIM_INFINITY else 1 << 20
+    except (ImportError, ValueError, OSError):
+        return 1 << 20

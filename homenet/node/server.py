@@ -25,7 +25,7 @@ from homenet.node.errors import Code, HomeNetError, RouteError
 from homenet.node.gateway import HttpPlane, TunnelHandler
 from homenet.node.handoff import HandedOff
 from homenet.node.httproute import raw_refusal
-from homenet.node.limits import SourceLimiter
+from homenet.node.limits import Descriptors, SourceLimiter, source_of
 from homenet.node.log import fields
 from homenet.node.policy import normalise
 from homenet.node.preamble import (
@@ -70,11 +70,18 @@ class GrpcPlane:
     client each spliced connection carries, for auth penalties and operator views.
     """
 
-    def __init__(self, pool: CarrierPool, dial_timeout: float) -> None:
+    def __init__(
+        self, pool: CarrierPool, dial_timeout: float, max_per_source: int = 32, descriptors: Descriptors | None = None
+    ) -> None:
         self.dial_timeout = dial_timeout
+        #: gRPC connections one source may hold at once, for their whole life (an HTTP/2
+        #: connection that sent its preface and then idles must still count).
+        self.max_per_source = max_per_source
+        self.descriptors = descriptors or Descriptors()
         #: Where the control server listens (set once it started).
         self.endpoint: tuple[str, int] | None = None
         self._peers: dict[int, str] = {}
+        self._per_source: dict[str, int] = {}
         self._splices = Splices(pool)
 
     @property
@@ -89,19 +96,32 @@ class GrpcPlane:
     async def serve(self, hs: Handshake, first: bytes) -> bool:
         if self.endpoint is None:
             raise ProtocolError(Code.NOT_FOUND, "this node serves no control plane")
+        source = source_of(hs.peer)
+        if self._per_source.get(source, 0) >= self.max_per_source:
+            raise RouteError(Code.TOO_MANY, f"more than {self.max_per_source} gRPC connections from one source")
+        if self.descriptors.grpc_full(hs.sock.fileno()):
+            raise RouteError(Code.TOO_MANY, "node near its descriptor limit; retry later")
         host, port = self.endpoint
         target = await connect(ip_address(host), port, self.dial_timeout)
         local_port = int(target.getsockname()[1])
         self._peers[local_port] = hs.peer
+        self._per_source[source] = self._per_source.get(source, 0) + 1
         try:
-            await self._splices.start(hs.sock, target, to_b=first, on_close=lambda sp, exc: self._forget(local_port))
+            await self._splices.start(
+                hs.sock, target, to_b=first, on_close=lambda sp, exc: self._forget(local_port, source)
+            )
         except OSError:
-            self._forget(local_port)
+            self._forget(local_port, source)
             raise
         return True
 
-    def _forget(self, local_port: int) -> None:
+    def _forget(self, local_port: int, source: str) -> None:
         self._peers.pop(local_port, None)
+        n = self._per_source.get(source, 0) - 1
+        if n > 0:
+            self._per_source[source] = n
+        else:
+            self._per_source.pop(source, None)
 
     def close(self) -> None:
         self._splices.abort_all("node closed")
@@ -125,7 +145,8 @@ class Node:
         self.router = router
         self.verbs: Mapping[Verb, VerbHandler] = verbs or {}
         self.pool = pool or CarrierPool()
-        self.grpc = grpc or GrpcPlane(self.pool, settings.dial_timeout)
+        self.descriptors = Descriptors()
+        self.grpc = grpc or GrpcPlane(self.pool, settings.dial_timeout, settings.max_grpc_per_source, self.descriptors)
         self.tls = (
             server_context(settings.tls_cert, settings.tls_key, settings.tls_client_ca)
             if settings.tls_cert and settings.tls_key
@@ -133,8 +154,9 @@ class Node:
         )
         self.sessions = SessionTable(self.pool, settings.idle_timeout or None)
         self.acceptor = Acceptor(
-            limiter, settings.handshake_timeout, self._serve_admitted, self._refused_at_accept, self.tls is None
-        )
+            limiter, settings.handshake_timeout, self._serve_admitted, self._refused_at_accept, self.tls is None,
+            self.descriptors,
+        )  # fmt: skip
         self.http = HttpPlane(self._route_first, settings.http_domain, settings.dial_timeout, tunnel)
         self.planes: dict[Plane, tuple[PlanePreamble, PlaneHandler]] = {
             Plane.DATA: (self._read_request, self._serve_request),
@@ -286,7 +308,7 @@ class Node:
             log.info("session.refused", extra=fields(peer=hs.peer, reason=str(exc)))
         except HomeNetError as exc:
             outcome = str(int(exc.code))
-            self._refuse(hs, exc.code, exc.reason, plane)
+            self._refuse(hs, exc.code, exc.reason, plane, getattr(exc, "http_status", None))
         except TimeoutError:
             outcome = str(int(Code.TIMEOUT))
             self._refuse(hs, Code.TIMEOUT, f"no complete preamble within {self.settings.handshake_timeout:g}s", plane)
@@ -327,10 +349,12 @@ class Node:
         raw = hs.sock
         hs.sock, hs.alpn = await accept_tls(raw, self.tls, self.settings.handshake_timeout)
 
-    def _refuse(self, hs: Handshake, code: Code, reason: str, plane: Plane | None = None) -> None:
+    def _refuse(
+        self, hs: Handshake, code: Code, reason: str, plane: Plane | None = None, status: int | None = None
+    ) -> None:
         self.sessions.refused()
         log.info("session.refused", extra=fields(peer=hs.peer, code=int(code), reason=reason))
-        line = raw_refusal(code, reason) if plane is Plane.HTTP else encode_reply(code, reason)
+        line = raw_refusal(code, reason, status) if plane is Plane.HTTP else encode_reply(code, reason)
         with contextlib.suppress(OSError):
             hs.sock.send(line)  # one line, best effort: never wait on it
             # unread input makes close() send a reset, which can destroy the line in flight
@@ -364,8 +388,7 @@ class Node:
             took = await handler(hs)
             self.acceptor.release(hs)  # a listener's own connection: it no longer counts as a handshake
             return took
-        if len(self.sessions) >= self.settings.max_sessions:
-            raise RouteError(Code.TOO_MANY, f"node at its limit of {self.settings.max_sessions} sessions")
+        self._check_room(hs)
         try:
             hop = _parse_hop(event.arg)
         except AddressError as exc:
@@ -389,10 +412,20 @@ class Node:
         connections may last), but counts against the session cap."""
         if self.state != "serving":
             raise RouteError(Code.UNAVAILABLE, "node is shutting down; retry on another node")
-        if len(self.sessions) + self.http.open_count >= self.settings.max_sessions:
-            raise RouteError(Code.TOO_MANY, f"node at its limit of {self.settings.max_sessions} sessions")
+        self._check_room(hs)
         self.acceptor.release(hs)
         return await self.http.serve(hs, buf)
+
+    def _check_room(self, hs: Handshake) -> None:
+        """A new session fits: under the node's cap, its source's cap, and the descriptor
+        headroom (kept for the control plane)."""
+        s = self.settings
+        if len(self.sessions) + self.http.open_count >= s.max_sessions:
+            raise RouteError(Code.TOO_MANY, f"node at its limit of {s.max_sessions} sessions")
+        if self.sessions.count_for(source_of(hs.peer)) >= s.max_sessions_per_source:
+            raise RouteError(Code.TOO_MANY, f"more than {s.max_sessions_per_source} sessions from one source")
+        if self.descriptors.data_full(hs.sock.fileno()):
+            raise RouteError(Code.TOO_MANY, "node near its descriptor limit; retry later")
 
     async def _route_first(self, hs: Handshake, request: Request) -> Target:
         """The first hop of a gateway route, through the router as a CONNECT would go."""

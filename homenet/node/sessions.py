@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 
 from homenet.node.dialer import send_now, send_rest
 from homenet.node.errors import Code
+from homenet.node.limits import source_of
 from homenet.node.log import fields
 from homenet.node.preamble import encode_reply
 from homenet.node.splice import CarrierPool, Splice, is_disconnect
@@ -82,6 +83,8 @@ class SessionTable:
         self.idle_timeout = idle_timeout
         self.on_close = on_close
         self.live: dict[int, SessionInfo] = {}
+        #: Live sessions by source (an IPv4 address, an IPv6 /64): one source's cap.
+        self.by_source: dict[str, int] = {}
         self.counters = Counters()
         self._ids = itertools.count(1)
         self._idle = asyncio.Event()
@@ -105,6 +108,10 @@ class SessionTable:
 
     def refused(self) -> None:
         self.counters.refused += 1
+
+    def count_for(self, source: str) -> int:
+        """Sessions ``source`` holds now."""
+        return self.by_source.get(source, 0)
 
     async def splice(
         self, client: socket.socket, peer: str, early: bytes, target: Target, name: str, counted: int | None = None
@@ -142,12 +149,20 @@ class SessionTable:
         if not self.live:
             self._idle.clear()
         self.live[info.id] = info
+        source = source_of(peer)
+        self.by_source[source] = self.by_source.get(source, 0) + 1
         sp.start()
         if log.isEnabledFor(logging.DEBUG):
             log.debug("session.open", extra=fields(id=info.id, client=peer, target=name, dialed=target.dialed))
 
     def _closed(self, info: SessionInfo, exc: BaseException | None) -> None:
-        self.live.pop(info.id, None)
+        if self.live.pop(info.id, None) is not None:
+            source = source_of(info.client)
+            n = self.by_source.get(source, 0) - 1
+            if n > 0:
+                self.by_source[source] = n
+            else:
+                self.by_source.pop(source, None)
         c = self.counters
         c.sessions += 1
         c.bytes_up += info.bytes_up

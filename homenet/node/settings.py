@@ -118,6 +118,8 @@ class Settings:
     query_auth: str = _opt("required", "queries need a query key (default)", choices=("required", "open"))
     #: Connections in handshake from one source (IPv4 address or IPv6 /64) at once.
     max_per_source: int = _opt(64, "connections in handshake from one source at once (default 64)")
+    max_sessions_per_source: int = _opt(1000, "sessions one source holds at once; more get 429 (default 1000)")
+    max_grpc_per_source: int = _opt(32, "gRPC connections one source holds at once (default 32)")
     #: Sessions one listener may have at once.
     max_listener_sessions: int = _opt(1000, "relay role: sessions one listener may have at once (default 1000)")
     #: Failed authentications from one source (within a minute) before it is blocked.
@@ -232,7 +234,10 @@ class Settings:
             raise SettingsError("tls_cert and tls_key go together: give both or neither")
         if self.key is not None and not re.fullmatch(r"[A-Za-z0-9_-]{1,64}:[A-Za-z0-9_-]{22,128}", self.key):
             raise SettingsError("key must be ID:SECRET (the line `homenet key new` printed)")
-        for name in ("max_sessions", "max_handshakes", "max_per_source", "max_listener_sessions", "penalty_threshold"):
+        for name in (
+            "max_sessions", "max_handshakes", "max_per_source", "max_listener_sessions", "penalty_threshold",
+            "max_sessions_per_source", "max_grpc_per_source",
+        ):  # fmt: skip
             if getattr(self, name) < 1:
                 raise SettingsError(f"{name} must be >= 1")
         if not 0 <= self.pool_size <= 64:
