@@ -224,6 +224,10 @@ class NodeRuntime:
             keys_need_tls=not loopback,
         )  # fmt: skip
 
+    def _own(self, host: str, port: int) -> None:
+        with contextlib.suppress(ValueError):  # a host name: the dialer resolves and checks it then
+            self.core.node.add_own(Endpoint(host, port))
+
     async def _serve(self, sock: socket.socket, desc: str, early: bytes, depth: int) -> None:
         self.core.node.serve_accepted(sock, desc, early, depth)
 
@@ -263,9 +267,13 @@ class NodeRuntime:
             self._first_key()
         self.listeners.acquire()  # before anything listens: a second process with our identity stops here
         core.node.grpc.endpoint = await self.control.start()
+        # the node's other listeners are never data-plane targets, whatever --allow says
+        self._own(*core.node.grpc.endpoint)
         try:
             if self.settings.health_port:
-                await self.control.serve_health(self.settings.health_bind, self.settings.health_port)
+                self._own(self.settings.health_bind, await self.control.serve_health(
+                    self.settings.health_bind, self.settings.health_port
+                ))  # fmt: skip
             if spec is not None:
                 await core.node.start(public_socket(spec), socket.socket(fileno=spec.private_fd))
                 for sibling in spec.sibling_handoffs():  # dialing a sibling is dialing ourselves
@@ -277,6 +285,7 @@ class NodeRuntime:
             if self.admin is not None:
                 host, port = self.settings.metrics_endpoint() or ("127.0.0.1", 0)
                 bound = await self.admin.start(host, port)
+                self._own(*bound)
                 where = f"[{bound[0]}]" if ":" in bound[0] else bound[0]
                 scheme = "https" if self.admin.tls is not None else "http"
                 log.info("admin.listening", extra=fields(url=f"{scheme}://{where}:{bound[1]}/"))

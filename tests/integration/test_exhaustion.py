@@ -25,7 +25,17 @@ from homenet.node.keys import Secret
 from homenet.node.preamble import GRPC_PREFACE, Verb, encode_request
 from tests.conftest import StartNode
 from tests.helpers import echo_server, node_args
-from tests.integration.support import OK_REPLY, TIMEOUT, Conn, channel, dial, limited_node, request, wait_status
+from tests.integration.support import (
+    OK_REPLY,
+    TIMEOUT,
+    Conn,
+    channel,
+    dial,
+    free_port,
+    limited_node,
+    request,
+    wait_status,
+)
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -179,3 +189,21 @@ async def test_the_private_control_address_answers_no_one_but_the_node(start_nod
             await node_pb2_grpc.NodeServiceStub(ch).GetStatus(node_pb2.GetStatusRequest(), timeout=5.0)
     assert refused.value.code() is grpc.StatusCode.UNAUTHENTICATED
     assert refused.value.details() == "call the node on its port, not its private control address"
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+async def test_the_node_s_other_listeners_are_no_targets_even_with_loopback_allowed(
+    start_node: StartNode, tmp_path: Path
+) -> None:
+    health = str(free_port())
+    node = await start_node("--allow", "127.0.0.0/8", "--health-port", health, "--metrics-bind", "127.0.0.1:0")
+    others = _listening_ports(node.proc.pid) - {node.port}
+    assert len(others) == 3, others  # the control server, the health port, the admin address
+    for port in sorted(others):
+        conn = await dial(node.host, node.port)
+        try:
+            await conn.send(request(f"127.0.0.1:{port}"))
+            reply = await conn.reply()
+            assert (reply.code, reply.reason) == (403, f"127.0.0.1:{port} is this node's own listener"), port
+        finally:
+            await conn.close()
