@@ -148,6 +148,8 @@ def _add_key(sub: Any) -> None:
     knew.add_argument("id", metavar="ID", help="key id (a listen key claims the listenId ID)")
     knew.add_argument("--role", action="append", choices=list(ROLES), required=True, help="repeatable")
     ksub.add_parser("list", help="list keys (ids and roles, never secrets)")
+    kshow = ksub.add_parser("show", help="print one key as ID:SECRET (for a client; needs the keys file)")
+    kshow.add_argument("id", metavar="ID")
     krev = ksub.add_parser("revoke", help="delete a key (running nodes notice within a second)")
     krev.add_argument("id", metavar="ID")
     ksub.add_parser("fleet", help="print a new fleet key (ID:SECRET) for --fleet-key-file, once")
@@ -304,6 +306,11 @@ def _cmd_key(args: argparse.Namespace) -> int:
         elif args.key_command == "list":
             for k in store.all():
                 print(f"{k.id}  {','.join(sorted(k.roles))}")
+        elif args.key_command == "show":
+            found = store.get(args.id)
+            if found is None:
+                fail(f"no key {args.id} in {store.path}")
+            print(f"{found.id}:{found.secret.reveal()}")
         elif not store.revoke(args.id):
             fail(f"no key {args.id} in {store.path}")
     except (KeyFileError, SettingsError) as exc:

@@ -32,7 +32,7 @@ from homenet.node.discovery import DEFAULT_TYPES, HOMENET_TYPE, Advertiser, Disc
 from homenet.node.errors import Code, HomeNetError
 from homenet.node.fleet import Fleet, FleetDirectory, FleetKey, LocalFeed
 from homenet.node.handoff import Handoff
-from homenet.node.keys import ensure_first_key, parse_key_ref
+from homenet.node.keys import ensure_first_key, first_key_notice, parse_key_ref
 from homenet.node.log import fields
 from homenet.node.remote import FixedTarget
 from homenet.node.replay import ReplayTable
@@ -257,8 +257,8 @@ class NodeRuntime:
             )
             return
         if first is not None and self.notice is not None:
-            self.notice(f"no keys yet: created key '{first.id}' (all roles) in {keys.path}")
-            self.notice(f"clients use it with: export HOMENET_KEY={first.id}:{first.secret.reveal()}")
+            for line in first_key_notice(first, keys.path):
+                self.notice(line)
 
     async def start(self) -> None:
         """Lock identities, start the control server, the port, discovery, the relay role."""

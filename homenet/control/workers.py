@@ -41,7 +41,7 @@ from pathlib import Path
 from typing import Any
 
 from homenet.node.address import Endpoint
-from homenet.node.keys import KeyStore, ensure_first_key, new_secret
+from homenet.node.keys import KeyStore, ensure_first_key, first_key_notice, new_secret
 from homenet.node.log import fields
 from homenet.node.replay import ReplayTable
 from homenet.node.settings import Settings
@@ -227,8 +227,8 @@ class Supervisor:
             log.warning("keys.first_key_not_written", extra=fields(path=str(keys.path), error=exc.strerror or str(exc)))
             return
         if first is not None and self.notice is not None:
-            self.notice(f"no keys yet: created key '{first.id}' (all roles) in {keys.path}")
-            self.notice(f"clients use it with: export HOMENET_KEY={first.id}:{first.secret.reveal()}")
+            for line in first_key_notice(first, keys.path):
+                self.notice(line)
 
     def _spec(self, w: Worker) -> WorkerSpec:
         return WorkerSpec(

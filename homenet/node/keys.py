@@ -7,6 +7,7 @@ calls; implies every other role). Secrets are never logged: :class:`Secret` mask
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 import secrets
@@ -17,11 +18,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from homenet.node.errors import UsageError
+from homenet.node.log import fields
 from homenet.node.settings import client_settings
 
 ROLES = ("listen", "connect", "query", "admin")
 KEY_ID = re.compile(r"[A-Za-z0-9_-]{1,64}")
 _SECRET = re.compile(r"[A-Za-z0-9_-]{22,128}")  # >= 128 bits of base64url
+
+log = logging.getLogger("homenet.keys")
 
 
 class KeyFileError(UsageError, ValueError):
@@ -111,14 +115,19 @@ class KeyStore:
         if self.path is None:
             return
         try:
-            mtime = self.path.stat().st_mtime
+            st = self.path.stat()
         except FileNotFoundError:
             self._keys, self._mtime = {}, None
             return
-        if mtime == self._mtime:
+        if st.st_mtime == self._mtime:
             return
         self._keys = load_keys(self.path)
-        self._mtime = mtime
+        self._mtime = st.st_mtime
+        if st.st_mode & 0o077:  # secrets others can read: say so each time the file changes
+            log.warning(
+                "keys.file_readable",
+                extra=fields(path=str(self.path), mode=oct(st.st_mode & 0o777), fix=f"chmod 600 {self.path}"),
+            )
 
     def add(self, key_id: str, roles: Iterable[str]) -> Key:
         """Create a key and save the file; raises if the id exists."""
@@ -224,6 +233,16 @@ def key_from_file(path: Path) -> tuple[str, Secret]:
         raise KeyFileError(f"key file {path} holds {len(keys)} keys: give one ID:SECRET instead")
     k = next(iter(keys.values()))
     return k.id, k.secret
+
+
+def first_key_notice(key: Key, path: Path | None) -> list[str]:
+    """What a node says when it made its first key: where it is, never the secret (the
+    node's output goes to logs and journals that others may read)."""
+    return [
+        f"no keys yet: created key '{key.id}' (all roles) in {path}",
+        f"hnctl on this machine finds it there; to print it for a client elsewhere: "
+        f"homenet key --keys-file {path} show {key.id}",
+    ]
 
 
 def ensure_first_key(store: KeyStore) -> Key | None:

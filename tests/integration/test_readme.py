@@ -385,7 +385,7 @@ class Flow:
         kind = (argv[0], args.command)
         if kind == ("homenet", "node"):
             await self.node(cmd, [*argv[:2], *loopback_node_args(argv[2:])], env, machine)
-        elif kind == ("homenet", "key") and args.key_command == "new":
+        elif kind == ("homenet", "key") and args.key_command in ("new", "show"):
             await self.key_new(cmd, argv, env, args.id)
         elif kind == ("homenet", "connect"):
             await self.connect(cmd, argv, env, args.data)
@@ -461,7 +461,7 @@ class Flow:
         where = f"{cmd.line}\nran: {_shown(cmd.env, argv)}\n{_result(res)}"
         assert res.code == 0, where
         printed = res.stdout.decode().strip()
-        # `homenet key new ID` prints ID:SECRET once (README, Security: Keys)
+        # `homenet key new ID` prints ID:SECRET once, `homenet key show ID` again (README, Security: Keys)
         assert re.fullmatch(rf"{re.escape(key_id)}:[A-Za-z0-9_-]{{22,128}}", printed), where
         self.subs[f"{key_id}:SECRET"] = printed
         promise = promised_output(cmd.comment)

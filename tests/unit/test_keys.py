@@ -463,3 +463,15 @@ def test_local_keys_without_an_admin_give_nothing(tmp_path: Path) -> None:
     store = KeyStore(tmp_path / "keys.toml")
     store.add("alice", ["connect", "listen", "query"])
     assert client_key(env={}, local_keys=tmp_path / "keys.toml") is None
+
+
+def test_a_keys_file_others_can_read_is_warned_about(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    path = tmp_path / "keys.toml"
+    KeyStore(path).add("alice", ["connect"])
+    assert not [r for r in caplog.records if r.getMessage() == "keys.file_readable"]
+    path.chmod(0o644)
+    with caplog.at_level(logging.WARNING, logger="homenet.keys"):
+        store = KeyStore(path)
+    assert store.get("alice") is not None, "still loaded: a warning, not a refusal"
+    [record] = [r for r in caplog.records if r.getMessage() == "keys.file_readable"]
+    assert record.__dict__["hn"] == {"path": str(path), "mode": "0o644", "fix": f"chmod 600 {path}"}
