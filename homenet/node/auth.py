@@ -135,9 +135,11 @@ class Authorizer:
 
     def authorize(self, context: str, token: dict[str, str], role: str, source: str) -> Key:
         """The key that signed ``context`` if it holds ``role``; raises :class:`AuthError`."""
+        if source and self.limiter.blocked(source):  # it came through a relay: no accept to close it at
+            raise AuthError("source blocked after repeated failed authentication", forbidden=True)
         try:
             return self.verifier.verify(context, token, role)
         except AuthError as exc:
-            if not exc.forbidden and self.limiter.failed(source):
+            if not exc.forbidden and source and self.limiter.failed(source):
                 log.warning("auth.source_blocked", extra=fields(source=source))
             raise

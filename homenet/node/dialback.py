@@ -93,7 +93,11 @@ class DialBacks:
     def redeem(self, hs: Handshake) -> bool:
         """``HN/1 TICKET <ticket>``: a listener dialing back; its socket goes to the client."""
         assert hs.request is not None
-        waiter = self._waiter(hs.request.arg)
+        try:
+            waiter = self._waiter(hs.request.arg)
+        except RouteError:  # a guessed or stale ticket is a failed login, like a bad key
+            self.limiter.failed(hs.source or source_of(hs.peer))
+            raise
         self.limiter.unexpect(waiter.source)
         if hs.trailing:
             raise RouteError(Code.BAD_REQUEST, "unexpected bytes after TICKET")

@@ -10,12 +10,13 @@ import errno
 import ipaddress
 import os
 import socket
+import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 
 from homenet.node.address import Endpoint
 from homenet.node.errors import Code, HomeNetError
-from homenet.node.policy import IPAddress, PolicyError, TargetPolicy
+from homenet.node.policy import IPAddress, PolicyError, TargetPolicy, normalise
 
 Resolver = Callable[[str, int], Awaitable[list[IPAddress]]]
 
@@ -93,6 +94,8 @@ async def listen_socket(host: str, port: int, backlog: int) -> socket.socket:
     return lsock
 
 
+#: Seconds a literal target's verdict is reused (the host's own addresses may change).
+_VERDICT_TTL = 5.0
 _STREAM_NONBLOCK = socket.SOCK_STREAM | getattr(socket, "SOCK_NONBLOCK", 0)
 
 
@@ -225,7 +228,8 @@ class Dialer:
     resolve: Resolver = system_resolve
 
     def __post_init__(self) -> None:
-        self._verdicts: dict[Endpoint, IPAddress] = {}
+        #: target -> (the address to dial, until when the verdict holds)
+        self._verdicts: dict[Endpoint, tuple[IPAddress, float]] = {}
         self._verdicts_for: TargetPolicy | None = None
 
     def _literal(self, target: Endpoint) -> IPAddress | None:
@@ -233,9 +237,10 @@ class Dialer:
         DialError when refused); None for a host name."""
         if self._verdicts_for is not self.policy:  # the policy was replaced: forget
             self._verdicts, self._verdicts_for = {}, self.policy
-        addr = self._verdicts.get(target)
-        if addr is not None:
-            return addr
+        now = time.monotonic()
+        known = self._verdicts.get(target)
+        if known is not None and known[1] > now:
+            return known[0]
         try:
             addr = ipaddress.ip_address(target.host)
         except ValueError:
@@ -246,7 +251,8 @@ class Dialer:
             raise DialError(Code.FORBIDDEN, str(exc)) from None
         if len(self._verdicts) >= 4096:
             self._verdicts.clear()
-        self._verdicts[target] = addr
+        addr = normalise(addr)  # the address checked is the one dialed (not a NAT64 or compat form)
+        self._verdicts[target] = (addr, now + _VERDICT_TTL)  # the host's own addresses may change
         return addr
 
     async def dial(self, target: Endpoint) -> Dialed:
@@ -271,7 +277,7 @@ class Dialer:
         for addr in addrs:
             try:
                 self.policy.check(addr, target.port)
-                allowed.append(addr)
+                allowed.append(normalise(addr))  # dial what was checked
             except PolicyError as exc:
                 refusal = str(exc)
         if not allowed:

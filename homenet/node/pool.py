@@ -49,7 +49,8 @@ class ParkedPool:
         assert hs.request is not None
         try:
             owner = self.tickets.redeem(split_ticket(hs.request.arg)[1], POOL).owner
-        except TicketError as exc:
+        except TicketError as exc:  # a guessed or stale ticket is a failed login, like a bad key
+            self.limiter.failed(hs.source or source_of(hs.peer))
             raise RouteError(Code.UNAUTHORIZED, str(exc)) from None
         assert isinstance(owner, Listener)  # a pool ticket is only ever issued for one
         lst = owner

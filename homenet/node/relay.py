@@ -306,7 +306,8 @@ class Relay:
             lst.bytes_down += info.bytes_down
 
         # the activation line goes out with the client's first bytes, in one send
-        greeting = encode_reply(Code.OK, fields={"hop": str(depth)})
+        # the client's address goes along: the listener's node penalises failed logins by it
+        greeting = encode_reply(Code.OK, fields={"hop": str(depth), "client": hs.peer.split(" ", 1)[0]})
         return Target(sock, f"listener {lst.listen_id}", done, greeting=greeting)
 
     # -- housekeeping ------------------------------------------------------------------------

@@ -54,11 +54,17 @@ def hop_depth(reply: Reply | None) -> int:
 class RemoteListen:
     """One registration's data connections; owns their tasks until :meth:`close`."""
 
-    def __init__(self, relay_route: Route, serve: Serve, report_failure: ReportFailure, dialing: Dialing) -> None:
+    def __init__(
+        self, relay_route: Route, serve: Serve, report_failure: ReportFailure, dialing: Dialing, pool_size: int = 64
+    ) -> None:
         self.route = relay_route
         self.serve = serve
         self.report_failure = report_failure
         self.dialing = dialing
+        #: Warm connections the relay agreed to at registration: more grants are ignored (a
+        #: relay must not make its listener open thousands of connections).
+        self.pool_size = pool_size
+        self.parking = 0
         self._tasks: set[asyncio.Task[None]] = set()
 
     def spawn(self, coro: Awaitable[None]) -> None:
@@ -73,7 +79,11 @@ class RemoteListen:
         self.spawn(self._dial_back(ticket, client, advertised(self.route, endpoint)))
 
     def pool_grant(self, ticket: str, endpoint: str = "") -> None:
-        """The relay allows one more parked connection."""
+        """The relay allows one more parked connection (ignored past the agreed pool size)."""
+        if self.parking >= self.pool_size:
+            log.debug("rl.pool_grant_ignored", extra=fields(parked=self.parking, pool_size=self.pool_size))
+            return
+        self.parking += 1
         self.spawn(self._park(ticket, advertised(self.route, endpoint)))
 
     async def _dial_back(self, ticket: str, client: str, via: Endpoint | None) -> None:
@@ -88,28 +98,44 @@ class RemoteListen:
         await self.serve(opened.sock, f"{client} via {self.route.entry}", opened.early, depth)
 
     async def _park(self, ticket: str, via: Endpoint | None) -> None:
+        """Park one warm connection; it stops counting against the pool size once a client
+        activates it (the relay grants its replacement at once)."""
+        activated = await self._parked(ticket, via)
+        if activated is None:
+            return
+        sock, desc, early, depth = activated
+        await self.serve(sock, desc, early, depth)
+
+    async def _parked(self, ticket: str, via: Endpoint | None) -> tuple[socket.socket, str, bytes, int] | None:
+        try:
+            return await self._wait_parked(ticket, via)
+        finally:
+            self.parking -= 1
+
+    async def _wait_parked(self, ticket: str, via: Endpoint | None) -> tuple[socket.socket, str, bytes, int] | None:
         try:
             opened = await self.dialing.open(
                 self.route, final=encode_request(Verb.POOL, ticket), wait_final=False, via=via
             )
         except RouteFailed as exc:
             log.debug("rl.park_failed", extra=fields(error=str(exc)))
-            return
+            return None
         sock, parser = opened.sock, opened.parser
         assert parser is not None
         try:
             reply = await next_reply(sock, parser)  # parked until a client comes (or the relay drops it)
         except (OSError, ProtocolError):
             sock.close()
-            return
+            return None
         except BaseException:
             sock.close()
             raise
         if not reply.ok:
             log.debug("rl.park_refused", extra=fields(code=int(reply.code), reason=reply.reason))
             sock.close()
-            return
-        await self.serve(sock, f"pool via {self.route.entry}", parser.trailing(), hop_depth(reply))
+            return None
+        client = reply.fields.get("client", "?")
+        return sock, f"{client} via the pool of {self.route.entry}", parser.trailing(), hop_depth(reply)
 
     async def close(self) -> None:
         """Cancel dial-backs and close parked connections."""

@@ -16,6 +16,7 @@ A listenId is looked up as a listener first, then as a service.
 
 from __future__ import annotations
 
+import ipaddress
 from typing import Protocol
 
 from homenet.node.address import Endpoint, ListenId
@@ -49,6 +50,19 @@ class Services(Protocol):
     def by_listen_id(self, listen_id: str) -> Service | None: ...
 
 
+def penalty_source(peer: str) -> str:
+    """Whom a failed login counts against: the client's address, also for a connection a relay
+    activated (``"203.0.113.9:5555 via hn://relay"``); "" when no client address is known
+    (an old relay's pool connection): then nobody, rather than every client of that relay."""
+    first = peer.split(" ", 1)[0]
+    source = source_of(first)
+    try:
+        ipaddress.ip_network(source, strict=False)
+    except ValueError:
+        return ""
+    return source
+
+
 class Router:
     """Turns a request's hop into a connected :class:`Target` for one node."""
 
@@ -75,7 +89,7 @@ class Router:
         """The key that signed ``hs``'s request, if it holds ``role``; else an AuthError
         (a failed login counts against the client's source)."""
         assert hs.request is not None
-        return self.authorizer.authorize(hs.request_line, hs.request.fields, role, hs.source or source_of(hs.peer))
+        return self.authorizer.authorize(hs.request_line, hs.request.fields, role, hs.source or penalty_source(hs.peer))
 
     async def route(self, hs: Handshake, hop: Endpoint | ListenId) -> Target:
         """Connect ``hs`` to ``hop``, checking the auth the hop needs first."""

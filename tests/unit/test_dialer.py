@@ -321,3 +321,21 @@ async def test_system_resolve_numeric_host() -> None:
 def test_dial_error_carries_code_and_reason() -> None:
     err = DialError(Code.BAD_GATEWAY, "why")
     assert (err.code, err.reason, str(err)) == (Code.BAD_GATEWAY, "why", "why")
+
+
+@pytest.mark.parametrize("spelling", ["::127.0.0.1", "::ffff:127.0.0.1", "64:ff9b::127.0.0.1"])
+async def test_an_ipv4_in_ipv6_spelling_is_dialed_as_the_ipv4_it_names(
+    spelling: str, connects: list[tuple[IPAddress, int]]
+) -> None:
+    """The address checked is the address dialed: an IPv4-compatible or NAT64 form passing an
+    IPv4 rule must not reach some other IPv6 destination."""
+    with listening("127.0.0.1") as lsock:
+        port = int(lsock.getsockname()[1])
+        for resolve in (must_not_resolve, Resolver(spelling)):
+            d = Dialer(policy("127.0.0.1/32"), timeout=2, resolve=resolve)
+            target = Endpoint(spelling if resolve is must_not_resolve else "spelled.example", port)
+            dialed = await d.dial(target)
+            dialed.sock.close()
+            assert dialed.addr == ip("127.0.0.1")
+        assert pending(lsock) == 2
+    assert connects == [(ip("127.0.0.1"), port)] * 2
