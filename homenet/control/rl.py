@@ -1,7 +1,8 @@
 """The listener's end of the Remote Listen stream: register, answer events, reconnect.
 
 One :class:`RLClient` per ``--rl`` URL. It keeps a gRPC stream to the relay (through the
-relay's route when it has hops: the stream then rides a HomeNet route), reconnects with
+relay's route when it has hops: the stream then rides a HomeNet route; through a WebSocket
+tunnel for a ``ws://`` or ``wss://`` relay), reconnects with
 tenacity (exponential backoff with jitter, capped, forever) and takes its listenId back with
 the resumption secret it keeps in the state directory.
 """
@@ -213,10 +214,12 @@ class RLClient:
         return self._stream.reconnects
 
     async def _target(self) -> str:
+        """Where the gRPC channel connects: the relay itself, or a local forwarder whose every
+        connection goes through the relay's route (hops) or its WebSocket transport."""
         route = self.opts.route
-        if not route.hops:
+        if not route.hops and not route.ws:
             return str(route.entry)
-        if self._forwarder is None:  # the stream rides a HomeNet route: forward a local port to it
+        if self._forwarder is None:  # the stream rides a route or a tunnel: forward a local port to it
             self._forwarder = Forwarder(route, "127.0.0.1", 0, self._dialing())
             ep = await self._forwarder.start()
             self._target_ep = str(ep)
@@ -237,7 +240,8 @@ class RLClient:
         return Dialing(self.opts.dial_timeout, self.opts.creds, self._tls())
 
     def _tls(self) -> ssl.SSLContext | None:
-        """TLS for the data connections of an hns:// relay route (with our certificate, if any)."""
+        """TLS for the data connections (and tunnels) of an hns:// or wss:// relay route (with
+        our certificate, if any)."""
         if not self.opts.route.tls:
             return None
         return client_context(self.opts.tls_ca, self.opts.tls_cert, self.opts.tls_key)
@@ -263,8 +267,9 @@ class RLClient:
         listen_id = self.opts.listen_id or saved_id or self._fresh_id()
         if listen_id != saved_id:
             secret = ""
-        channel = open_channel(
-            target, self.opts.route.tls and not self.opts.route.hops, self.opts.tls_ca,
+        route = self.opts.route
+        channel = open_channel(  # TLS directly only to an hns:// relay: a tunnel has its own
+            target, route.tls and not route.hops and not route.ws, self.opts.tls_ca,
             cert=self.opts.tls_cert, key=self.opts.tls_key, options=_CHANNEL_OPTIONS,
         )  # fmt: skip
         metadata = call_metadata(self.opts.creds, "/homenet.v1.RelayService/Listen")
@@ -310,7 +315,7 @@ class RLClient:
         async def report(ticket: str, reason: str) -> None:
             await stream.send(relay_pb2.ListenerMessage(dial_failed=relay_pb2.DialFailed(ticket=ticket, reason=reason)))
 
-        remote = RemoteListen(self.opts.route, self.serve, report, self._dialing())
+        remote = RemoteListen(self.opts.route, self.serve, report, self._dialing(), reg.pool_size)
         silence = 3 * (reg.ping_interval or 2.0)
         try:
             while True:

@@ -1,5 +1,9 @@
 """HomeNet addresses: ``hn://HOST[:PORT]/HOP[/HOP...]`` and the hops they are made of.
 
+The scheme says how the client reaches the route's first node: ``hn`` (TCP), ``hns`` (TLS),
+``ws`` (a WebSocket, for clients behind proxies that pass only HTTP) or ``wss`` (a WebSocket
+over TLS). The hops after it are the same whatever the transport.
+
 Pure values and parsing; nothing here touches the network.
 """
 
@@ -18,6 +22,9 @@ MAX_HOPS = 8
 _LISTEN_ID = re.compile(r"[A-Za-z0-9_-]{1,64}")
 _PORT = re.compile(r"[0-9]{1,5}")
 _LABEL = re.compile(r"(?!-)[A-Za-z0-9-]{1,63}(?<!-)")
+#: scheme -> (TLS, WebSocket) for the connection to a route's first node.
+SCHEMES = {"hn": (False, False), "hns": (True, False), "ws": (False, True), "wss": (True, True)}
+_SCHEME_OF = {flags: scheme for scheme, flags in SCHEMES.items()}
 
 
 class AddressError(UsageError, ValueError):
@@ -58,19 +65,26 @@ Hop = Endpoint | ListenId
 
 @dataclass(frozen=True, slots=True)
 class Route:
-    """A parsed ``hn://`` URL: where to connect first, then the hops to ask for in order."""
+    """A parsed ``hn://`` URL: where to connect first, then the hops to ask for in order.
+
+    ``tls`` and ``ws`` say how the first node is reached (TLS, a WebSocket, both: ``wss://``).
+    """
 
     entry: Endpoint
     hops: tuple[Hop, ...]
     tls: bool = False
+    ws: bool = False
+
+    @property
+    def scheme(self) -> str:
+        return _SCHEME_OF[self.tls, self.ws]
 
     def __str__(self) -> str:
-        scheme = "hns" if self.tls else "hn"
-        return f"{scheme}://{self.entry}" + "".join(f"/{h}" for h in self.hops)
+        return f"{self.scheme}://{self.entry}" + "".join(f"/{h}" for h in self.hops)
 
     def prefix(self, n: int) -> Route:
         """The route through the first ``n`` hops (``hn://relay/home1`` for n=1)."""
-        return Route(self.entry, self.hops[:n], self.tls)
+        return Route(self.entry, self.hops[:n], self.tls, self.ws)
 
 
 def _valid_hostname(host: str) -> bool:
@@ -148,10 +162,12 @@ def parse_hop(text: str) -> Hop:
 
 
 def parse_url(url: str) -> Route:
-    """Parse ``hn://HOST[:PORT]/HOP[/HOP...]`` (``hns://`` asks for TLS)."""
+    """Parse ``hn://HOST[:PORT]/HOP[/HOP...]`` (``hns://`` asks for TLS, ``ws://`` for a
+    WebSocket, ``wss://`` for both)."""
     scheme, sep, rest = url.partition("://")
-    if not sep or scheme not in ("hn", "hns"):
-        raise AddressError(f"bad URL {url!r}: expected hn://HOST[:PORT]/HOP...")
+    transport = SCHEMES.get(scheme) if sep else None
+    if transport is None:
+        raise AddressError(f"bad URL {url!r}: expected hn://HOST[:PORT]/HOP... (or hns://, ws://, wss://)")
     authority, _, path = rest.partition("/")
     if not authority:
         raise AddressError(f"bad URL {url!r}: missing host")
@@ -163,4 +179,4 @@ def parse_url(url: str) -> Route:
         raise AddressError(f"bad URL {url!r}: empty hop")
     if len(parts) > MAX_HOPS:
         raise AddressError(f"bad URL {url!r}: more than {MAX_HOPS} hops")
-    return Route(entry, tuple(parse_hop(p) for p in parts), tls=scheme == "hns")
+    return Route(entry, tuple(parse_hop(p) for p in parts), *transport)

@@ -1,7 +1,9 @@
 """The client side of the data plane: open a route through a chain of nodes.
 
 The requests of every hop (and the caller's first payload) go out in one write; the replies
-come back in order, one per hop, as each node splices to the next.
+come back in order, one per hop, as each node splices to the next. The first node is reached
+over the route's transport: TCP (``hn://``), TLS (``hns://``), or a WebSocket tunnel
+(``ws://``, ``wss://``); either way the caller gets a plain socket.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from homenet.node.dialer import connect_first, describe_os_error, system_resolve
 from homenet.node.errors import Code, HomeNetError
 from homenet.node.preamble import NEED_DATA, ProtocolError, Reply, ReplyParser, Verb, encode_request
 from homenet.node.tls import TLSError, client_context, connect_tls
+from homenet.node.wstunnel import TunnelError, host_header, start_tunnel
 
 
 class RouteFailed(HomeNetError):
@@ -58,6 +61,10 @@ class Dialing:
         """:func:`open_route` with these options (``kw``: its other arguments)."""
         return await open_route(route, timeout=self.timeout, creds=self.creds, tls=self.tls, **kw)
 
+    async def connect(self, route: Route) -> socket.socket:
+        """:func:`connect_node` with these options: a connection to the route's first node."""
+        return await connect_node(route, self.timeout, self.tls)
+
 
 async def dial_endpoint(
     ep: Endpoint, timeout: float, tls: ssl.SSLContext | None = None, server_hostname: str | None = None
@@ -89,6 +96,34 @@ async def _dial(ep: Endpoint, timeout: float) -> socket.socket:
     except OSError as exc:
         raise RouteFailed(f"cannot reach node {ep}: {describe_os_error(exc)}") from None
     return sock
+
+
+async def connect_node(
+    route: Route, timeout: float, tls: ssl.SSLContext | None = None, via: Endpoint | None = None
+) -> socket.socket:
+    """A plain socket to the first node of ``route``, over the route's transport: what is
+    sent on it reaches that node as a client's connection would (no request is sent).
+
+    ``hns://`` and ``wss://`` speak TLS (``tls``, else the system store) and verify the node
+    by the route's host, also when ``via`` (another address of that node) is dialed.
+    """
+    if route.tls and tls is None:
+        try:
+            tls = client_context()
+        except TLSError as exc:
+            raise RouteFailed(str(exc)) from None
+    ep = via or route.entry
+    if not route.ws:
+        return await dial_endpoint(ep, timeout, tls if route.tls else None, route.entry.host)
+    sock = await _dial(ep, timeout)
+    try:
+        tunnel = await start_tunnel(
+            sock, host=host_header(route.entry), tls=tls if route.tls else None,
+            server_hostname=route.entry.host, timeout=timeout,
+        )  # fmt: skip
+    except (TunnelError, TLSError) as exc:
+        raise RouteFailed(f"{ep}: {exc}") from None
+    return tunnel.sock
 
 
 def route_requests(route: Route, creds: Credentials | None = None) -> bytes:
@@ -141,17 +176,13 @@ async def open_route(
 
     ``final`` is one more request line for the last node (a listener's TICKET or POOL); its
     reply is awaited too unless ``wait_final`` is False (the caller reads it later).
-    An ``hns://`` route speaks TLS to its first node (``tls``, else the system store).
+    An ``hns://`` route speaks TLS to its first node (``tls``, else the system store); a
+    ``ws://`` or ``wss://`` route reaches it through a WebSocket tunnel (:func:`connect_node`).
     """
     if not route.hops and final is None:
         raise RouteFailed(f"{route} names no target: add a hop, e.g. {route}/127.0.0.1:22")
     loop = asyncio.get_running_loop()
-    if route.tls and tls is None:
-        try:
-            tls = client_context()
-        except TLSError as exc:
-            raise RouteFailed(str(exc)) from None
-    sock = await dial_endpoint(via or route.entry, timeout, tls if route.tls else None, route.entry.host)
+    sock = await connect_node(route, timeout, tls, via)
     parser = ReplyParser()
     try:
         async with asyncio.timeout(timeout):
@@ -167,7 +198,7 @@ async def open_route(
     except ProtocolError as exc:
         sock.close()
         why = "connection closed" if "connection closed" in exc.reason else exc.reason
-        if route.tls and why == "connection closed":
+        if route.tls and not route.ws and why == "connection closed":
             why += "; does the node require a client certificate (--tls-cert)?"
         raise RouteFailed(f"{route}: bad reply from the route ({why})") from None
     except OSError as exc:

@@ -13,16 +13,22 @@ import threading
 from typing import BinaryIO
 
 from homenet.node.address import Endpoint, Route
-from homenet.node.client import Dialing, RouteFailed
+from homenet.node.client import Dialing, Opened, RouteFailed
 from homenet.node.dialer import listen_socket, tune
 from homenet.node.log import fields
 from homenet.node.splice import Splices
 
 log = logging.getLogger("homenet.forward")
 
+#: Seconds the stdin thread waits for room at a time (it waits again after each).
+_STDIN_WAIT = 30.0
+
 
 class Forwarder:
-    """Listens on a local TCP port and splices each connection through ``route``."""
+    """Listens on a local TCP port and splices each connection through ``route``.
+
+    A route without hops forwards to its first node itself, over the route's transport (the
+    RL client's gRPC channel to a ``ws://`` relay: each connection is one tunnel)."""
 
     def __init__(self, route: Route, bind: str = "127.0.0.1", port: int = 0, dialing: Dialing | None = None) -> None:
         self.route = route
@@ -58,11 +64,17 @@ class Forwarder:
 
     async def _serve(self, sock: socket.socket) -> None:
         try:
-            opened = await self.dialing.open(self.route)
+            if self.route.hops:
+                opened = await self.dialing.open(self.route)
+            else:
+                opened = Opened(await self.dialing.connect(self.route), b"")
         except RouteFailed as exc:
             log.warning("listen.route_failed", extra=fields(route=str(self.route), error=str(exc)))
             sock.close()
             return
+        except BaseException:
+            sock.close()
+            raise
         with contextlib.suppress(OSError):  # the client left already: both are closed
             await self.splices.start(sock, opened.sock, to_a=opened.early)
 
@@ -105,11 +117,22 @@ async def stdio_session(route: Route, data: bytes | None, dialing: Dialing, out:
 
 
 def _pump_stdin(sock: socket.socket) -> None:
-    """Copy stdin to the socket (blocking, in a thread), then half-close it."""
-    sock.setblocking(True)
+    """Copy stdin to the socket (in a thread), then half-close it.
+
+    ``sock`` is a dup of the event loop's socket and shares its file status flags: making it
+    blocking would make the loop's reads block too, and stall the loop when it also runs the
+    route's TLS or WebSocket pump (the bytes the read waits for). A timeout keeps the socket
+    non-blocking and makes Python wait for room with poll, here in the thread.
+    """
+    sock.settimeout(_STDIN_WAIT)
     try:
         while chunk := os.read(0, 1 << 16):
-            sock.sendall(chunk)
+            view = memoryview(chunk)
+            while view:
+                try:
+                    view = view[sock.send(view) :]
+                except TimeoutError:  # the route is slow to take more: keep waiting
+                    continue
         sock.shutdown(socket.SHUT_WR)
     except OSError:
         pass

@@ -23,6 +23,7 @@ import ipaddress
 import logging
 import re
 import socket
+import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from http import HTTPStatus
@@ -52,8 +53,8 @@ from homenet.node.httproute import (
 from homenet.node.keys import Secret
 from homenet.node.log import fields
 from homenet.node.preamble import NEED_DATA, ProtocolError, Reply, ReplyParser, Request, Verb
-from homenet.node.sessions import Target
-from homenet.node.splice import Splices
+from homenet.node.sessions import SessionInfo, Target
+from homenet.node.splice import Splice, Splices
 from homenet.node.stats import bump
 
 log = logging.getLogger("homenet.gateway")
@@ -79,16 +80,24 @@ TunnelHandler = Callable[[socket.socket, str, h11.Request, bytes], Awaitable[Non
 
 @dataclass
 class Upstream:
-    """The connection a route is open on, and its HTTP state."""
+    """The connection a route is open on, its HTTP state, and what it moved."""
 
     route: str
     key_id: str
     sock: socket.socket
     conn: h11.Connection
     target: Target
+    info: SessionInfo
 
     def close(self) -> None:
+        """Close it and tell its owner (a listener's session ends: its count goes back)."""
         self.sock.close()
+        self.ended()
+
+    def ended(self) -> None:
+        if self.target.on_close is not None:
+            on_close, self.target.on_close = self.target.on_close, None  # once
+            on_close(self.info)
 
 
 class HttpPlane:
@@ -270,7 +279,7 @@ class GatewaySession:
     async def one(self, request: h11.Request) -> bool:
         """Answer ``request``; True to keep the connection for another one."""
         path = request.target.split(b"?", 1)[0]
-        if path == TUNNEL_PATH and self.plane.tunnel is not None and wants_upgrade(list(request.headers)):
+        if path == TUNNEL_PATH and self.plane.tunnel is not None:  # the tunnel says what is wrong with it
             self.handed = True
             await self.plane.tunnel(self.sock, self.hs.peer, request, bytes(self.conn.trailing_data[0]))
             return False
@@ -329,7 +338,8 @@ class GatewaySession:
         conn = h11.Connection(h11.CLIENT, max_incomplete_event_size=MAX_HEAD)
         if early := parser.trailing():  # b"" would mean EOF
             conn.receive_data(early)
-        return Upstream(named.text, creds.key_id if creds else "", sock, conn, target)
+        info = SessionInfo(0, self.hs.peer, named.text, target.dialed, time.time())
+        return Upstream(named.text, creds.key_id if creds else "", sock, conn, target, info)
 
     def _drop_upstream(self) -> None:
         if self.up is not None:
@@ -357,8 +367,8 @@ class GatewaySession:
             reason=response.reason,
         )  # fmt: skip
         try:
-            await self._send_client(head)
-            await self._pump(up.conn, up.sock, None, to_upstream=False)
+            await self._send_client(head, up)
+            await self._pump(up.conn, up.sock, up, to_upstream=False)
         except (h11.ProtocolError, OSError, TimeoutError, ConnectionError) as exc:
             log.debug("gateway.response_cut", extra=fields(peer=self.hs.peer, error=str(exc)))
             self._drop_upstream()
@@ -386,9 +396,10 @@ class GatewaySession:
         while True:
             event = await next_event(conn, sock, STALL_TIMEOUT)
             if isinstance(event, h11.Data):
-                await (self._send_up(event) if to_upstream else self._send_client(event))
+                await (self._send_up(event) if to_upstream else self._send_client(event, up))
             elif isinstance(event, h11.EndOfMessage):
-                await (self._send_up(h11.EndOfMessage()) if to_upstream else self._send_client(h11.EndOfMessage()))
+                end = h11.EndOfMessage()
+                await (self._send_up(end) if to_upstream else self._send_client(end, up))
                 return
             else:
                 raise ConnectionResetError("the message was cut short")
@@ -402,18 +413,34 @@ class GatewaySession:
         to_target = bytes(self.conn.trailing_data[0])
         to_client = bytes(up.conn.trailing_data[0])
         self.up, self.handed = None, True
-        await self.plane.splices.start(self.sock, up.sock, to_a=to_client, to_b=to_target)
+
+        def spliced_end(sp: Splice, exc: BaseException | None) -> None:
+            up.info.moved_up += sp.bytes_up
+            up.info.moved_down += sp.bytes_down
+            up.ended()
+
+        try:
+            await self.plane.splices.start(self.sock, up.sock, to_a=to_client, to_b=to_target, on_close=spliced_end)
+        except BaseException:
+            up.ended()
+            raise
         return False
 
     async def _send_up(self, event: h11.Request | h11.Data | h11.EndOfMessage) -> None:
         assert self.up is not None
         data = self.up.conn.send(event)
+        self.up.info.moved_up += len(data)
         if data:
             async with asyncio.timeout(STALL_TIMEOUT):
                 await asyncio.get_running_loop().sock_sendall(self.up.sock, data)
 
-    async def _send_client(self, event: h11.Response | h11.InformationalResponse | h11.Data | h11.EndOfMessage) -> None:
+    async def _send_client(
+        self, event: h11.Response | h11.InformationalResponse | h11.Data | h11.EndOfMessage, up: Upstream | None = None
+    ) -> None:
+        """Send to the client (``up``: the target's answer being relayed, counted as its bytes)."""
         data = self.conn.send(event)
+        if up is not None:
+            up.info.moved_down += len(data)
         if data:
             async with asyncio.timeout(STALL_TIMEOUT):
                 await asyncio.get_running_loop().sock_sendall(self.sock, data)

@@ -17,12 +17,14 @@ import time
 from collections.abc import Awaitable, Callable, Mapping
 from ipaddress import ip_address
 
+import h11
+
 from homenet.node.acceptor import Acceptor
 from homenet.node.address import MAX_HOPS, AddressError, Endpoint, parse_hop
 from homenet.node.connection import Handshake
 from homenet.node.dialer import connect, recv_some, wait_readable
 from homenet.node.errors import Code, HomeNetError, RouteError
-from homenet.node.gateway import HttpPlane, TunnelHandler
+from homenet.node.gateway import HttpPlane
 from homenet.node.handoff import HandedOff
 from homenet.node.httproute import raw_refusal
 from homenet.node.limits import Descriptors, SourceLimiter, source_of
@@ -47,6 +49,7 @@ from homenet.node.settings import Settings
 from homenet.node.splice import CarrierPool, Splices
 from homenet.node.stats import Histogram, bump
 from homenet.node.tls import ALPN_GRPC, TLSError, accept_tls, server_context
+from homenet.node.wstunnel import serve_tunnel
 
 log = logging.getLogger("homenet.node")
 
@@ -139,7 +142,6 @@ class Node:
         verbs: Mapping[Verb, VerbHandler] | None = None,
         grpc: GrpcPlane | None = None,
         pool: CarrierPool | None = None,
-        tunnel: TunnelHandler | None = None,
     ) -> None:
         self.settings = settings
         self.router = router
@@ -157,7 +159,7 @@ class Node:
             limiter, settings.handshake_timeout, self._serve_admitted, self._refused_at_accept, self.tls is None,
             self.descriptors,
         )  # fmt: skip
-        self.http = HttpPlane(self._route_first, settings.http_domain, settings.dial_timeout, tunnel)
+        self.http = HttpPlane(self._route_first, settings.http_domain, settings.dial_timeout, self._tunnel)
         self.planes: dict[Plane, tuple[PlanePreamble, PlaneHandler]] = {
             Plane.DATA: (self._read_request, self._serve_request),
             Plane.GRPC: (None, self.grpc.serve),
@@ -426,6 +428,16 @@ class Node:
             raise RouteError(Code.TOO_MANY, f"more than {s.max_sessions_per_source} sessions from one source")
         if self.descriptors.data_full(hs.sock.fileno()):
             raise RouteError(Code.TOO_MANY, "node near its descriptor limit; retry later")
+
+    async def _tunnel(self, sock: socket.socket, peer: str, request: h11.Request, leftover: bytes) -> None:
+        """The WebSocket transport: what the tunnel carries is served as a connection accepted
+        on the port (data plane or gRPC), with the client's own address."""
+        await serve_tunnel(
+            sock, peer, request, leftover, self._serve_inner, idle_timeout=self.settings.idle_timeout or None
+        )
+
+    def _serve_inner(self, sock: socket.socket, peer: str) -> None:
+        self.serve_accepted(sock, peer)
 
     async def _route_first(self, hs: Handshake, request: Request) -> Target:
         """The first hop of a gateway route, through the router as a CONNECT would go."""

@@ -49,14 +49,17 @@ class SessionInfo:
     dialed: str
     since: float
     splice: Splice | None = field(default=None, repr=False)
+    #: Bytes counted by an owner that moves them itself (the HTTP gateway), when no splice does.
+    moved_up: int = 0
+    moved_down: int = 0
 
     @property
     def bytes_up(self) -> int:
-        return self.splice.bytes_up if self.splice else 0
+        return self.splice.bytes_up if self.splice else self.moved_up
 
     @property
     def bytes_down(self) -> int:
-        return self.splice.bytes_down if self.splice else 0
+        return self.splice.bytes_down if self.splice else self.moved_down
 
 
 @dataclass(slots=True)

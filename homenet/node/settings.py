@@ -61,7 +61,9 @@ class Settings:
         factory=lambda: socket.gethostname().split(".")[0] or "homenet",
         help="node name shown to operators (default: the host name)",
     )
-    rl: tuple[str, ...] = _opt((), "remote-listen on hn://RELAY[:PORT][/HOP...] (repeatable)", metavar="URL")
+    rl: tuple[str, ...] = _opt(
+        (), "remote-listen on hn://RELAY[:PORT][/HOP...] (or hns://, ws://, wss://; repeatable)", metavar="URL"
+    )
     listen_id: str | None = _opt(
         None, "listenId to claim on the relay (default: the one kept from last time)", metavar="ID", rl=True
     )
@@ -132,7 +134,7 @@ class Settings:
     #: Require client certificates signed by this CA (mTLS for relay peers and operators).
     tls_client_ca: str | None = _opt(None, "require client certificates from this CA (mTLS)", metavar="PEM")
     #: CA bundle to verify hns:// relays with (default: the system store).
-    tls_ca: str | None = _opt(None, "CA to verify hns:// relays with (default: system store)", metavar="PEM")
+    tls_ca: str | None = _opt(None, "CA to verify hns:// and wss:// relays (default: system store)", metavar="PEM")
     #: Relay role: ``host:port`` listeners dial back to (this process's own address when a
     #: load balancer spreads the public one over many relays); empty: the public address.
     advertise: str = _opt("", "relay role: this relay's own public HOST:PORT for dial-backs", metavar="HOST:PORT")
