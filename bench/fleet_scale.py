@@ -235,6 +235,7 @@ class Relays:
             self.a.homenet, "node", "--bind", self.hosts[i], "--port", str(self.a.port), "--name", f"relay{i}",
             "--fleet-key-file", str(self.keys / "fleet.key"), "--keys-file", str(self.keys / "keys.toml"),
             *peers, "--no-mdns", "--rl-auth", "open", "--connect-auth", "none", "--log-level", "warning",
+            "--max-listeners-per-source", "100000",  # every simulated listener comes from 127.0.0.1
             "--state-dir", str(st),
         ]  # fmt: skip
 

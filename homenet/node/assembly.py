@@ -50,6 +50,8 @@ def relay_settings(settings: Settings) -> RelaySettings:
         offline_hold=settings.offline_hold,
         rl_auth=settings.rl_auth,
         max_listener_sessions=settings.max_listener_sessions,
+        max_listeners_per_source=settings.max_listeners_per_source,
+        max_listeners_per_key=settings.max_listeners_per_key,
         advertise=settings.advertise,
     )
 
@@ -77,7 +79,8 @@ def assemble(
     )
     authorizer = Authorizer(verifier, limiter)
     node_id = node_id or secrets.token_hex(8)
-    relay = Relay(limiter, keys, node_id, relay_settings(settings), fleet)
+    services = (lambda lid: discovery.by_listen_id(lid) is not None) if discovery is not None else None
+    relay = Relay(limiter, keys, node_id, relay_settings(settings), fleet, services)
     dialer = dialer or Dialer(TargetPolicy.from_specs(settings.allow), timeout=settings.dial_timeout)
     router = Router(
         dialer, authorizer, settings.connect_auth, listeners=relay, services=discovery, fleet=fleet,

@@ -55,6 +55,10 @@ class _Record:
     strikes: int = 0
 
 
+#: A source's handshake cap is raised by the connections it was asked for, to this many times the cap.
+_RAISE_MAX = 4
+
+
 class SourceLimiter:
     """Admission decisions by source; one per node."""
 
@@ -103,7 +107,10 @@ class SourceLimiter:
         if rec is not None and rec.blocked_until > self.clock():
             return "source blocked after repeated failed authentication"
         held = self.pending.get(source, 0) + self.queued.get(source, 0)
-        if held >= self.max_per_source + self.expected.get(source, 0):
+        # connections we asked the source for raise its cap, up to a bound: grants a listener
+        # leaves unused must not lift it for ever
+        raised = min(self.expected.get(source, 0), _RAISE_MAX * self.max_per_source)
+        if held >= self.max_per_source + raised:
             return "too many connections in handshake from this source"
         return None
 

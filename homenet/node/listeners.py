@@ -168,6 +168,8 @@ class Listener:
     name: str = ""
     version: str = ""
     peer: str = ""
+    #: The key it registered with ("" for an anonymous registration).
+    key_id: str = ""
     since: float = field(default_factory=time.time)
     session: ListenerSession | None = None
     offline_since: float | None = None

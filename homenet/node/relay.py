@@ -24,7 +24,7 @@ from homenet.node.dialback import DialBacks, DialWaiter, TicketOwner, split_tick
 from homenet.node.errors import Code, RouteError
 from homenet.node.fleet import Entry, Fleet
 from homenet.node.keys import Key, KeyStore
-from homenet.node.limits import SourceLimiter
+from homenet.node.limits import SourceLimiter, source_of
 from homenet.node.listeners import (
     Listener,
     ListenerConflict,
@@ -58,6 +58,9 @@ class RelaySettings:
     pool_ticket_ttl: float = 30.0
     #: Most parked connections one listener may keep.
     max_pool: int = 16
+    #: Listeners one source may hold anonymously (rl_auth open), and one key (admin: any).
+    max_listeners_per_source: int = 64
+    max_listeners_per_key: int = 64
     #: Seconds between pings on a listener stream (3 missed = dead).
     ping_interval: float = 2.0
     #: Seconds an offline listenId stays reserved for its owner.
@@ -96,8 +99,11 @@ class Relay:
         node_id: str,
         settings: RelaySettings | None = None,
         fleet: Fleet | None = None,
+        services: Callable[[str], bool] | None = None,
     ) -> None:
         self.limiter = limiter
+        #: Whether a listenId names a service this node discovered: no registration may take it.
+        self.services = services
         self.keys = keys
         #: The id of this node process: a registration from it is a loop.
         self.node_id = node_id
@@ -177,6 +183,7 @@ class Relay:
         if reg.node_id and reg.node_id == self.node_id:
             raise ListenerLoop("this relay is the registering node itself: the --rl route loops back")
         claim = self._claimable(reg.listen_id, key)
+        self._check_share(claim, peer, key)
         self._check_fleet(claim, reg.resume_secret)
         lst, secret, replaced = self.registry.claim(claim, reg.resume_secret)
         if replaced is not None and replaced.session is not None:
@@ -185,6 +192,7 @@ class Relay:
         session = ListenerSession(peer)
         lst.session = session
         lst.name, lst.version, lst.peer = reg.name, reg.version, peer
+        lst.key_id = key.id if key is not None else ""
         lst.pool_size = min(max(reg.pool_size, 0), self.settings.max_pool)
         log.info(
             "listener.registered",
@@ -195,6 +203,22 @@ class Relay:
         self.pool.refill(lst)
         self._announce(lst)
         return lst, session, secret
+
+    def _check_share(self, claim: str, peer: str, key: Key | None) -> None:
+        """One source (anonymous) or one key (not admin) holds a bounded number of listenIds;
+        a reconnecting owner taking its own id back is not a new one."""
+        if key is not None and "admin" in key.roles:
+            return
+        s = self.settings
+        if key is None:
+            source = source_of(peer)
+            held = [x for x in self.registry.all() if not x.key_id and source_of(x.peer) == source]
+            cap, who = s.max_listeners_per_source, "this source"
+        else:
+            held = [x for x in self.registry.all() if x.key_id == key.id]
+            cap, who = s.max_listeners_per_key, f"key {key.id}"
+        if len([x for x in held if x.listen_id != claim]) >= cap:
+            raise ListenerForbidden(f"{who} holds {cap} listeners already (the relay's limit)")
 
     def _check_fleet(self, claim: str, resume_secret: str) -> None:
         """A listenId another relay of the fleet holds (or held moments ago) is its owner's:
@@ -235,6 +259,9 @@ class Relay:
             raise ListenerForbidden("this relay needs a listen key (set HOMENET_KEY=ID:SECRET)")
         elif claim and claim in self.keys.reserved_listen_ids():
             raise ListenerForbidden(f"listenId {claim} is reserved for key {claim}")
+        admin = key is not None and "admin" in key.roles
+        if claim and not admin and self.services is not None and self.services(claim):
+            raise ListenerForbidden(f"listenId {claim} names a service this node found on its LAN")
         return claim
 
     def unregister(self, lst: Listener, session: ListenerSession, reason: str) -> None:

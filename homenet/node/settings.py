@@ -122,6 +122,8 @@ class Settings:
     max_per_source: int = _opt(64, "connections in handshake from one source at once (default 64)")
     max_sessions_per_source: int = _opt(1000, "sessions one source holds at once; more get 429 (default 1000)")
     max_grpc_per_source: int = _opt(32, "gRPC connections one source holds at once (default 32)")
+    max_listeners_per_source: int = _opt(64, "relay: listeners one source registers anonymously (default 64)")
+    max_listeners_per_key: int = _opt(64, "relay: listeners one key registers, admin keys aside (default 64)")
     #: Sessions one listener may have at once.
     max_listener_sessions: int = _opt(1000, "relay role: sessions one listener may have at once (default 1000)")
     #: Failed authentications from one source (within a minute) before it is blocked.
@@ -238,7 +240,7 @@ class Settings:
             raise SettingsError("key must be ID:SECRET (the line `homenet key new` printed)")
         for name in (
             "max_sessions", "max_handshakes", "max_per_source", "max_listener_sessions", "penalty_threshold",
-            "max_sessions_per_source", "max_grpc_per_source",
+            "max_sessions_per_source", "max_grpc_per_source", "max_listeners_per_source", "max_listeners_per_key",
         ):  # fmt: skip
             if getattr(self, name) < 1:
                 raise SettingsError(f"{name} must be >= 1")

@@ -32,7 +32,7 @@ from homenet.node.discovery import HOMENET_TYPE
 from homenet.node.errors import Code
 from tests.conftest import StartNode
 from tests.helpers import NodeProc, echo_server, pattern, spawn
-from tests.integration.support import TIMEOUT, CliResult, cli_env
+from tests.integration.support import TIMEOUT, CliResult, cli_env, homenet
 
 LOOPBACK = "127.0.0.1"
 HTTP = "_http._tcp.local."
@@ -567,3 +567,23 @@ async def test_a_record_cannot_make_itself_public_only_the_operator_can(start_no
         assert echo.connections == 0, "the node dialed the record's address for an anonymous client"
         await hn.wait_listed(opened.url, f"Claims {tok}")
         assert await echo_via(f"{opened.url}/{lid}", b"operator said so") == b"operator said so"
+
+
+async def test_a_registration_cannot_take_a_discovered_service_s_listen_id(
+    start_node: StartNode, tmp_path: Path
+) -> None:
+    """A node that is a relay and a home: an (anonymous) listener claiming the listenId of a
+    service the node found would shadow it and take its clients; the claim is refused."""
+    tok = secrets.token_hex(3)
+    hn = Hnctl(tmp_path / "client")
+    node = await start_node(args=mdns_node_args(tmp_path / "n", f"both-{tok}", "--allow", "127.0.0.1/32"))
+    async with echo_server() as echo, loopback_zeroconf() as azc:
+        await register(azc, service_info(f"Nas {tok}", echo.port))
+        lid = (await hn.wait_listed(node.url, f"Nas {tok}"))["listen_id"]
+        taken = await homenet(
+            "rl", node.url, "--to", echo.endpoint, "--listen-id", lid, "--state-dir", str(tmp_path / "thief"),
+            env=cli_env(), timeout=20.0,
+        )  # fmt: skip
+        assert taken.code == 1, taken
+        assert f"listenId {lid} names a service this node found on its LAN" in taken.stderr, taken.stderr
+        assert await echo_via(f"{node.url}/{lid}", b"still the NAS") == b"still the NAS"

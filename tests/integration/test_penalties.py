@@ -11,9 +11,9 @@ from homenet.node.auth import Credentials
 from homenet.node.keys import KeyStore, Secret
 from homenet.node.preamble import Verb, encode_request
 from tests.conftest import StartNode
-from tests.helpers import echo_server
+from tests.helpers import echo_server, spawn
 from tests.integration.rl_support import start_home
-from tests.integration.support import OK_REPLY, Reply, dial, request
+from tests.integration.support import OK_REPLY, Reply, cli_env, dial, homenet, request
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -71,3 +71,25 @@ async def test_bad_keys_through_a_relay_count_against_the_client_at_the_home(
         assert blocked.reason == "source blocked after repeated failed authentication"
         first, second, rest = await _via_home(relay.host, relay.port, "127.0.0.13", signed(alice, echo.endpoint))
         assert (first.raw, second.raw, rest) == (OK_REPLY, OK_REPLY, b"ping")
+
+
+async def test_one_source_registers_a_bounded_number_of_anonymous_listeners(
+    start_node: StartNode, tmp_path: Path
+) -> None:
+    relay = await start_node("--max-listeners-per-source", "2")  # the harness runs rl-auth open
+    async with echo_server() as echo:
+        homes = []
+        try:
+            for i in range(2):
+                args = ["rl", relay.url, "--to", echo.endpoint, "--listen-id", f"anon{i}"]
+                home = await spawn([*args, "--state-dir", str(tmp_path / f"anon{i}")], tmp_path / f"p{i}", "LISTENING ")
+                homes.append(home)
+            third = await homenet(
+                "rl", relay.url, "--to", echo.endpoint, "--listen-id", "anon2", "--state-dir", str(tmp_path / "anon2"),
+                env=cli_env(), timeout=20.0,
+            )  # fmt: skip
+            assert third.code == 1, third
+            assert "this source holds 2 listeners already" in third.stderr, third.stderr
+        finally:
+            for h in homes:
+                await h.stop()

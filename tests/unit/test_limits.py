@@ -257,3 +257,15 @@ def test_refusal_is_the_source_s_own_verdict_and_full_is_the_global_one() -> Non
     lim.release("a")
     assert not lim.full
     assert lim.admit("c") is None
+
+
+def test_connections_asked_for_raise_the_cap_only_so_far() -> None:
+    """Pool grants a listener leaves unused must not lift its source's cap without bound."""
+    lim = SourceLimiter(max_total=10_000, max_per_source=2)
+    for _ in range(1000):
+        lim.expect("10.0.0.1")
+    admitted = 0
+    while lim.admit("10.0.0.1") is None:
+        admitted += 1
+        assert admitted <= 100, "the cap grew without bound"
+    assert admitted == 2 + 4 * 2
