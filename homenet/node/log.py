@@ -39,8 +39,8 @@ def _kv(record: logging.LogRecord) -> dict[str, Any]:
 
 def _quote(value: Any) -> str:
     text = str(value)
-    if not text or any(c in text for c in ' "=\n\t'):
-        return json.dumps(text)
+    if not text or not text.isprintable() or any(c in text for c in ' "='):
+        return json.dumps(text)  # control characters escaped: a peer's name cannot drive a terminal
     return text
 
 

@@ -88,6 +88,11 @@ class Registration:
     node_id: str
 
 
+def printable(text: str) -> str:
+    """What a peer sent, for logs and operators' screens: control characters replaced."""
+    return "".join(c if c.isprintable() else "?" for c in text)
+
+
 class Relay:
     """Relay role of one node: registration, the listener directory, dial-back, the warm pool,
     query forwarding, and the housekeeping (pings, expiry) that keeps them true."""
@@ -191,7 +196,7 @@ class Relay:
             self._offline(replaced)
         session = ListenerSession(peer)
         lst.session = session
-        lst.name, lst.version, lst.peer = reg.name, reg.version, peer
+        lst.name, lst.version, lst.peer = printable(reg.name), printable(reg.version), peer
         lst.key_id = key.id if key is not None else ""
         lst.pool_size = min(max(reg.pool_size, 0), self.settings.max_pool)
         log.info(

@@ -10,6 +10,7 @@ from typing import Any
 import pytest
 
 from homenet.node.log import JsonFormatter, TextFormatter, fields, mask
+from homenet.node.relay import printable
 
 SECRET = "s3cr3t-Value-0123456789"
 
@@ -70,6 +71,17 @@ def test_text_format_quotes_awkward_values() -> None:
     line = text(reason='a b "c"', empty="", eq="k=v", nl="x\ny")
     assert line.endswith(' reason="a b \\"c\\"" empty="" eq="k=v" nl="x\\ny"')
     assert "\n" not in line
+
+
+def test_control_characters_never_reach_the_terminal() -> None:
+    """A peer's name with an escape sequence (ESC [31m, BEL) is escaped, not written raw."""
+    line = text(name="\x1b[31mred\x07", plain="x\x00y")
+    assert not any(c in line for c in "\x1b\x07\x00")
+    assert line.endswith(' name="\\u001b[31mred\\u0007" plain="x\\u0000y"')
+
+
+def test_a_listener_s_name_is_stored_printable() -> None:
+    assert printable("home\x1b[2J\x07 Ünï ☃") == "home?[2J? Ünï ☃"
 
 
 @pytest.mark.parametrize("key", ["ticket", "token", "secret", "password", "key", "resume_secret"])
