@@ -35,7 +35,7 @@ from homenet.node.handoff import Handoff
 from homenet.node.keys import ensure_first_key, first_key_notice, parse_key_ref
 from homenet.node.log import fields
 from homenet.node.remote import FixedTarget
-from homenet.node.replay import ReplayTable
+from homenet.node.replay import ReplayTable, replay_path
 from homenet.node.settings import Settings
 from homenet.node.tls import client_context
 
@@ -163,7 +163,7 @@ class NodeRuntime:
         )
         node_id = secrets.token_hex(8)
         #: Nonces accepted by any worker of this node (a token is good once per node, not per worker).
-        self.replay = ReplayTable(spec.replay_file) if spec is not None else None
+        self.replay = ReplayTable(spec.replay_file) if spec is not None else _replay_table(settings)
         self.handoff = (
             Handoff(spec.handoffs[spec.index], spec.sibling_handoffs(), self._handed) if spec is not None else None
         )
@@ -346,6 +346,16 @@ class NodeRuntime:
         await self.control.stop_health()
         if self.replay is not None:
             self.replay.close()
+
+
+def _replay_table(settings: Settings) -> ReplayTable | None:
+    """This node's replay table in its state directory (None, and a warning, when the state
+    directory cannot hold it: nonces are then remembered in memory only)."""
+    try:
+        return ReplayTable.at(replay_path(settings))
+    except (OSError, ValueError) as exc:
+        log.warning("replay.in_memory_only", extra=fields(state_dir=settings.state_dir, error=str(exc)))
+        return None
 
 
 def _fleet(

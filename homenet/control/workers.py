@@ -43,7 +43,7 @@ from typing import Any
 from homenet.node.address import Endpoint
 from homenet.node.keys import KeyStore, ensure_first_key, first_key_notice, new_secret
 from homenet.node.log import fields
-from homenet.node.replay import ReplayTable
+from homenet.node.replay import replay_path
 from homenet.node.settings import Settings
 
 log = logging.getLogger("homenet.workers")
@@ -194,13 +194,14 @@ class Supervisor:
         self._reserve: socket.socket | None = None
         self._tasks: set[asyncio.Task[None]] = set()
         self._key_file = ""
+        self._replay = Path()
         self._port = settings.port
 
     # -- set-up ----------------------------------------------------------------------------------
     def _prepare(self) -> None:
         s = self.settings
         self._first_key()
-        ReplayTable.create(self._dir / "replay.table")  # outlives a worker's restart
+        self._replay = replay_path(self.settings, self._dir)  # outlives a worker's restart, and ours
         if s.fleet_key_file:
             self._key_file = s.fleet_key_file
         else:  # the workers' own fleet, for this run only
@@ -236,7 +237,7 @@ class Supervisor:
             siblings=tuple(f"127.0.0.1:{x.private.getsockname()[1]}" for x in self._workers),
             handoffs=tuple(str(self._dir / f"w{x.index}.sock") for x in self._workers),
             fleet_key_file=self._key_file,
-            replay_file=str(self._dir / "replay.table"),
+            replay_file=str(self._replay),
             private_fd=w.private.fileno(),
             public_fd=self._shared.fileno() if self._shared is not None else -1,
             bind=self.settings.bind,

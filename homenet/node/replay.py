@@ -1,8 +1,10 @@
-"""A replay cache shared by the processes of one node (``homenet node --workers N``).
+"""A replay cache on disk, shared by the processes of a node and kept across its restarts.
 
-Each worker checks tokens itself; without a shared record of the nonces it accepted, a captured
-signed request could be replayed once on every other worker within its window. The table is a
-file in the supervisor's private (0700) directory, mapped by every worker: two arrays of
+A node checks each token's nonce against the ones it accepted within the token's window. Kept
+only in memory, that record is lost when the node restarts (a token captured just before could
+be replayed just after) and is one per process (with ``--workers N``, a captured request could
+be replayed once on every other worker). The table is a file in the node's state directory
+(``replay.table``, 0600), mapped by every process that uses that directory: two arrays of
 ``SLOTS`` entries, the fingerprints of ``(key id, nonce)`` (8 bytes) and the time each may be
 forgotten (a float, UNIX seconds). A nonce's fingerprint picks a window of ``PROBE`` slots; a
 claim looks for the fingerprint there (a replay while it has not expired) and otherwise takes
@@ -15,11 +17,18 @@ caller reports it as "too many logins"), never forgets a live nonce to make room
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import hashlib
+import logging
 import mmap
 import os
 from pathlib import Path
+
+from homenet.node.log import fields
+from homenet.node.settings import Settings
+
+log = logging.getLogger("homenet.replay")
 
 #: Slots in the table (4 MiB on disk): a node accepting 1,000 signed requests a second keeps
 #: 120,000 live nonces (a 2-minute window), under half of it.
@@ -63,12 +72,26 @@ class ReplayTable:
 
     @staticmethod
     def create(path: str | Path, slots: int = SLOTS) -> None:
-        """Make an empty table file (mode 0600) at ``path``."""
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+        """Make an empty table file (mode 0600) at ``path``, atomically: a process that finds
+        the file finds it whole. Raises FileExistsError if there is one already."""
+        path = Path(path)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
         try:
             os.ftruncate(fd, slots * _ENTRY)  # zeros: every slot free
         finally:
             os.close(fd)
+        try:
+            os.link(tmp, path)  # fails if another process made it first: theirs is the one
+        finally:
+            os.unlink(tmp)
+
+    @classmethod
+    def at(cls, path: str | Path) -> ReplayTable:
+        """The table at ``path``, made if there is none yet."""
+        with contextlib.suppress(FileExistsError):
+            cls.create(path)
+        return cls(path)
 
     def claim(self, key_id: str, nonce: str, now: float, until: float) -> bool:
         """Record ``key_id``'s ``nonce`` as used until ``until``: False if a process of this node
@@ -98,3 +121,22 @@ class ReplayTable:
         self._view.release()
         self._map.close()
         os.close(self._fd)
+
+
+def replay_path(settings: Settings, fallback: Path | None = None) -> Path:
+    """Where a node keeps its replay table: ``STATE_DIR/replay.table``, made now if missing;
+    ``fallback`` (a private directory) when the state directory cannot hold it (read-only)."""
+    path = Path(settings.state_dir) / "replay.table"
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        with contextlib.suppress(FileExistsError):
+            ReplayTable.create(path)
+        return path
+    except OSError as exc:
+        if fallback is None:
+            raise
+        log.warning("replay.not_kept", extra=fields(path=str(path), error=exc.strerror or str(exc)))
+        path = fallback / "replay.table"
+        with contextlib.suppress(FileExistsError):
+            ReplayTable.create(path)
+        return path

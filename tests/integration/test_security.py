@@ -15,6 +15,7 @@ import datetime
 import ipaddress
 import json
 import re
+import signal
 import ssl
 import stat
 import sys
@@ -290,6 +291,23 @@ async def test_direct_targets_need_a_connect_key(secure: Start, tmp_path: Path) 
 
 
 # -- replay ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("how", [signal.SIGTERM, signal.SIGKILL])
+async def test_a_restart_forgets_no_nonce(secure: Start, tmp_path: Path, how: int) -> None:
+    """A token captured just before a restart (even a kill -9) is still a replay just after:
+    the accepted nonces live in the state directory (replay.table), not in the process."""
+    keys = make_keys(tmp_path, alice=["connect"])
+    node = await secure("--allow", "127.0.0.1/32")
+    async with echo_server() as echo:
+        line = signed(keys["alice"], echo.endpoint)
+        assert await echoed(node, line, b"first") == OK_REPLY + b"first"
+        await node.stop(how)
+        again = await secure("--allow", "127.0.0.1/32")
+        replay = await refused(again, line + b"second", "127.0.0.3")
+        assert (replay.code, replay.reason) == (401, "replayed credentials")
+        assert echo.connections == 1
+        assert await echoed(again, signed(keys["alice"], echo.endpoint), b"fresh") == OK_REPLY + b"fresh"
 
 
 async def test_replayed_and_expired_handshakes_are_refused(secure: Start, tmp_path: Path) -> None:
