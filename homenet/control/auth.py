@@ -95,6 +95,8 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
             await abort(context, AuthError("call the node on its port, not its private control address"))
         if self.authorizer.limiter.blocked(source_of(peer)):  # its HTTP/2 connection outlived the block
             await abort(context, AuthError("source blocked after repeated failed authentication", forbidden=True))
+        if self.grpc_plane.is_private(_local_port(context.peer())):
+            return await self._sibling(method, context, peer)
         if method not in self.roles:  # open: health, reflection, GetStatus
             return None
         role, needs = self.roles[method]
@@ -114,6 +116,17 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
             return authorizer.authorize(method, token, role, source_of(peer))
         except AuthError as exc:
             log.info("auth.refused", extra=fields(method=method, peer=peer, reason=exc.reason))
+            await abort(context, exc)
+
+    async def _sibling(self, method: str, context: grpc.aio.ServicerContext[Any, Any], peer: str) -> Key | None:
+        """A call on a worker's private port: only a sibling's, signed with the node's fleet key."""
+        meta = {k: v for k, v in (context.invocation_metadata() or ()) if isinstance(v, str)}
+        token = {k: meta.get(f"x-homenet-{k}", "") for k in _META}
+        if self.fleet_authorizer is None or token["key"] != self.fleet_key_id:
+            await abort(context, AuthError("this is a worker's private port: call the node's port", forbidden=True))
+        try:
+            return self.fleet_authorizer.authorize(method, token, FLEET_ROLE, source_of(peer))
+        except AuthError as exc:
             await abort(context, exc)
 
     async def intercept_service(

@@ -24,6 +24,7 @@ from homenet.node.address import MAX_HOPS, AddressError, Endpoint, parse_hop
 from homenet.node.connection import Handshake
 from homenet.node.dialer import connect, recv_some, wait_readable
 from homenet.node.errors import Code, HomeNetError, RouteError
+from homenet.node.fleet import FWD
 from homenet.node.gateway import HttpPlane
 from homenet.node.handoff import HandedOff
 from homenet.node.httproute import raw_refusal
@@ -84,6 +85,8 @@ class GrpcPlane:
         #: Where the control server listens (set once it started).
         self.endpoint: tuple[str, int] | None = None
         self._peers: dict[int, str] = {}
+        #: Local ports of connections that came on a worker's private port (siblings only).
+        self._private: set[int] = set()
         self._per_source: dict[str, int] = {}
         self._splices = Splices(pool)
 
@@ -92,11 +95,15 @@ class GrpcPlane:
         """gRPC connections open now."""
         return len(self._peers)
 
+    def is_private(self, local_port: int) -> bool:
+        """The connection came on a worker's private port: only its siblings may call there."""
+        return local_port in self._private
+
     def peer_of(self, local_port: int) -> str | None:
         """The real client of a gRPC connection, by the port it reaches the control server from."""
         return self._peers.get(local_port)
 
-    async def serve(self, hs: Handshake, first: bytes) -> bool:
+    async def serve(self, hs: Handshake, first: bytes, private: bool = False) -> bool:
         if self.endpoint is None:
             raise ProtocolError(Code.NOT_FOUND, "this node serves no control plane")
         source = source_of(hs.peer)
@@ -108,6 +115,8 @@ class GrpcPlane:
         target = await connect(ip_address(host), port, self.dial_timeout)
         local_port = int(target.getsockname()[1])
         self._peers[local_port] = hs.peer
+        if private:
+            self._private.add(local_port)
         self._per_source[source] = self._per_source.get(source, 0) + 1
         try:
             await self._splices.start(
@@ -120,6 +129,7 @@ class GrpcPlane:
 
     def _forget(self, local_port: int, source: str) -> None:
         self._peers.pop(local_port, None)
+        self._private.discard(local_port)
         n = self._per_source.get(source, 0) - 1
         if n > 0:
             self._per_source[source] = n
@@ -162,7 +172,7 @@ class Node:
         self.http = HttpPlane(self._route_first, settings.http_domain, settings.dial_timeout, self._tunnel)
         self.planes: dict[Plane, tuple[PlanePreamble, PlaneHandler]] = {
             Plane.DATA: (self._read_request, self._serve_request),
-            Plane.GRPC: (None, self.grpc.serve),
+            Plane.GRPC: (None, self._serve_grpc),
         }
         if settings.http_gateway:
             self.planes[Plane.HTTP] = (self.http.preamble, self._serve_http)
@@ -383,6 +393,7 @@ class Node:
         assert event is not None
         if self.state != "serving":
             raise RouteError(Code.UNAVAILABLE, "node is shutting down; retry on another node")
+        self._sibling_only(hs)
         if event.verb is not Verb.CONNECT:
             handler = self.verbs.get(event.verb)
             if handler is None:
@@ -408,12 +419,22 @@ class Node:
         self.setup_seconds.observe(self._now() - hs.since)
         return True
 
+    async def _serve_grpc(self, hs: Handshake, buf: bytes) -> bool:
+        return await self.grpc.serve(hs, buf, private=hs in self._plain)
+
+    def _sibling_only(self, hs: Handshake) -> None:
+        """A worker's private port takes its siblings' forwarded hops only: a local process
+        must not use it to skip what the public port asks (TLS, client certificates)."""
+        if hs in self._plain and not (hs.request is not None and FWD in hs.request.fields):
+            raise RouteError(Code.FORBIDDEN, "this is a worker's private port: connect to the node's port")
+
     # -- the HTTP gateway ------------------------------------------------------------------------
     async def _serve_http(self, hs: Handshake, buf: bytes) -> bool:
         """An HTTP client: it holds no handshake slot once its first head is read (keep-alive
         connections may last), but counts against the session cap."""
         if self.state != "serving":
             raise RouteError(Code.UNAVAILABLE, "node is shutting down; retry on another node")
+        self._sibling_only(hs)
         self._check_room(hs)
         self.acceptor.release(hs)
         return await self.http.serve(hs, buf)

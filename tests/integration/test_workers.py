@@ -15,9 +15,11 @@ import re
 import signal
 from pathlib import Path
 
+import grpc
 import pytest
 
 from homenet.control.v1 import node_pb2, node_pb2_grpc
+from homenet.control.workers import WorkerSpec
 from homenet.node.auth import Credentials
 from homenet.node.keys import client_key
 from homenet.node.preamble import Verb, encode_request
@@ -217,3 +219,29 @@ def _admin_env(node: NodeProc) -> dict[str, str]:
     from tests.integration.support import cli_env
 
     return cli_env(HOMENET_KEY_FILE=str(node.stderr_path.parent / "state" / "keys.toml"))
+
+
+async def test_a_worker_s_private_port_takes_only_its_siblings(start_node: StartNode) -> None:
+    """A local process cannot use a worker's private loopback port to skip what the node's
+    port asks (TLS, client certificates): plain requests and unsigned calls are refused there."""
+    relay = await start_node(args=relay_args())
+    await wait_status(relay, "both workers answer", lambda s: s.workers_up == 2)
+    environ = Path(f"/proc/{worker_pids(relay)[0]}/environ").read_bytes().split(b"\0")
+    spec = WorkerSpec.loads(
+        next(e for e in environ if e.startswith(b"HOMENET_WORKER_SPEC=")).split(b"=", 1)[1].decode()
+    )
+    private = spec.private.port
+    async with echo_server() as echo:
+        conn = await dial("127.0.0.1", private)
+        try:
+            await conn.send(encode_request(Verb.CONNECT, echo.endpoint))
+            reply = await conn.reply()
+            assert (reply.code, reply.reason) == (403, "this is a worker's private port: connect to the node's port")
+        finally:
+            await conn.close()
+        assert echo.connections == 0
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{private}", options=[("grpc.enable_http_proxy", 0)]) as ch:
+        with pytest.raises(grpc.aio.AioRpcError) as refused:
+            await node_pb2_grpc.NodeServiceStub(ch).GetStatus(node_pb2.GetStatusRequest(), timeout=5.0)
+    assert refused.value.code() is grpc.StatusCode.PERMISSION_DENIED
+    assert refused.value.details() == "this is a worker's private port: call the node's port"
