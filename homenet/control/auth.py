@@ -8,6 +8,7 @@ anonymous call where the method allows it) is available to servicers as :data:`C
 from __future__ import annotations
 
 import contextvars
+import inspect
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
@@ -150,23 +151,9 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
 
             return grpc.unary_unary_rpc_method_handler(unary, **ser)
         if handler.unary_stream is not None:
-            us: Any = handler.unary_stream
-
-            async def out_stream(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
-                CURRENT_KEY.set(await check(method, context, request))
-                async for response in us(request, context):
-                    yield response
-
-            return grpc.unary_stream_rpc_method_handler(out_stream, **ser)
+            return grpc.unary_stream_rpc_method_handler(_streaming(handler.unary_stream, method, check, True), **ser)
         if handler.stream_stream is not None:
-            ss: Any = handler.stream_stream
-
-            async def streams(requests: AsyncIterator[Any], context: grpc.aio.ServicerContext[Any, Any]) -> Any:
-                CURRENT_KEY.set(await check(method, context, None))
-                async for response in ss(requests, context):
-                    yield response
-
-            return grpc.stream_stream_rpc_method_handler(streams, **ser)
+            return grpc.stream_stream_rpc_method_handler(_streaming(handler.stream_stream, method, check, False), **ser)
         if handler.stream_unary is not None:
             su: Any = handler.stream_unary
 
@@ -176,6 +163,29 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
 
             return grpc.stream_unary_rpc_method_handler(in_stream, **ser)
         return handler
+
+
+Check = Callable[[str, "grpc.aio.ServicerContext[Any, Any]", Any], Awaitable[Key | None]]
+
+
+def _streaming(inner: Any, method: str, check: Check, unary_in: bool) -> Any:
+    """A streaming handler that checks the call first. The inner handler either yields its
+    answers (an async generator) or writes them with ``context.write`` (a coroutine, like the
+    health service's Watch): the wrapper must be of the same kind."""
+    if inspect.isasyncgenfunction(inner):
+
+        async def gen(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
+            CURRENT_KEY.set(await check(method, context, request if unary_in else None))
+            async for response in inner(request, context):
+                yield response
+
+        return gen
+
+    async def coro(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
+        CURRENT_KEY.set(await check(method, context, request if unary_in else None))
+        return await inner(request, context)
+
+    return coro
 
 
 def _local_port(peer: str) -> int:
