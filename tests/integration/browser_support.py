@@ -4,7 +4,10 @@ Debian's ``chromium`` package is all it needs: no driver, no debugging port, no 
 and no download. With ``--remote-debugging-pipe`` the browser reads commands on its descriptor 3
 and writes answers and events on its descriptor 4, each one JSON text ended by a NUL byte.
 The browser runs with the flags that keep it off the network (it would try to reach Google
-otherwise), in a fresh profile, and pages may only be opened at http://127.0.0.1.
+otherwise), in a fresh profile, and pages may only be opened at http://127.0.0.1. Its host
+resolver answers no name at all, except the test's own names that it maps to 127.0.0.1
+(``--host-resolver-rules``; a test of host-name routing asks for ``*.relay.test``), and it uses
+no proxy: whatever a page asks for, nothing leaves 127.0.0.1.
 """
 
 from __future__ import annotations
@@ -14,21 +17,27 @@ import base64
 import contextlib
 import json
 import os
+import re
 import shutil
 import signal
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
+from fnmatch import fnmatchcase
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 #: Where the dashboard's pages may come from: the node's admin address on loopback.
 LOOPBACK = "http://127.0.0.1:"
-#: Headless, and nothing of its own on the network: no sync, updates, field trials or QUIC.
+#: The one address the browser may reach.
+LOOPBACK_IP = "127.0.0.1"
+#: Headless, and nothing of its own on the network: no sync, updates, field trials, QUIC or proxy.
 FLAGS = (
     "--headless",
     "--no-sandbox",  # root in CI; the sandbox needs user namespaces CI may not have
     "--disable-gpu",
     "--disable-quic",
+    "--no-proxy-server",  # an http_proxy of the environment would otherwise get the mapped names
     "--no-first-run",
     "--no-default-browser-check",
     "--disable-background-networking",
@@ -51,6 +60,15 @@ MISSING = (
 )
 
 
+def resolver_rules(loopback_names: Sequence[str]) -> str:
+    """``--host-resolver-rules``: each of ``loopback_names`` (``*.relay.test``) is 127.0.0.1,
+    any other name fails to resolve (first matching rule wins; 127.0.0.1 itself is left alone)."""
+    for name in loopback_names:
+        assert re.fullmatch(r"[A-Za-z0-9*.-]+", name), f"not a host pattern: {name!r}"
+    mapped = [f"MAP {name} {LOOPBACK_IP}" for name in loopback_names]
+    return "--host-resolver-rules=" + ", ".join([*mapped, "MAP * ~NOTFOUND", f"EXCLUDE {LOOPBACK_IP}"])
+
+
 def find_chromium() -> str | None:
     """The browser to run: ``$HOMENET_CHROMIUM``, else ``chromium`` or ``chromium-browser`` on PATH."""
     return os.environ.get("HOMENET_CHROMIUM") or shutil.which("chromium") or shutil.which("chromium-browser")
@@ -67,6 +85,8 @@ class Browser:
     proc: asyncio.subprocess.Process
     reader: asyncio.StreamReader
     writer: asyncio.WriteTransport
+    #: Host patterns the browser resolves to 127.0.0.1 (see :func:`resolver_rules`).
+    loopback_names: tuple[str, ...] = ()
     #: Events of every page, in order (``method`` and ``params``).
     events: list[dict[str, Any]] = field(default_factory=list)
     _ids: int = 0
@@ -111,9 +131,16 @@ class Browser:
                 if not fut.done():
                     fut.set_exception(DevToolsError("the browser closed its DevTools pipe"))
 
+    def reaches_loopback(self, url: str) -> bool:
+        """``url`` is http(s)/ws(s) to 127.0.0.1, or to a name this browser maps there."""
+        parts = urlsplit(url)
+        host = parts.hostname or ""
+        names = host == LOOPBACK_IP or any(fnmatchcase(host, p) for p in self.loopback_names)
+        return parts.scheme in ("http", "https", "ws", "wss") and names
+
     async def open(self, url: str, width: int, height: int) -> Page:
         """A new tab of ``width`` x ``height`` CSS pixels showing ``url`` (loopback only)."""
-        assert url.startswith(LOOPBACK), f"the browser may only load {LOOPBACK}..., not {url}"
+        assert self.reaches_loopback(url), f"the browser may only load {LOOPBACK}... (or a mapped name), not {url}"
         target = await self.call("Target.createTarget", {"url": "about:blank"})
         attached = await self.call("Target.attachToTarget", {"targetId": target["targetId"], "flatten": True})
         page = Page(self, attached["sessionId"])
@@ -189,11 +216,13 @@ class Page:
 
 
 @contextlib.asynccontextmanager
-async def chromium(binary: str, tmp: Path) -> AsyncIterator[Browser]:
+async def chromium(binary: str, tmp: Path, *, loopback_names: Sequence[str] = ()) -> AsyncIterator[Browser]:
     """Run ``binary`` headless with a fresh profile under ``tmp``; closed (or killed) at the end.
 
-    Its own log goes to ``tmp/chromium.log``.
+    ``loopback_names`` (host patterns such as ``*.relay.test``) resolve to 127.0.0.1, every
+    other name to nothing. Its own log goes to ``tmp/chromium.log``.
     """
+    rules = resolver_rules(loopback_names)
     profile = tmp / "chromium-profile"
     profile.mkdir(parents=True)
     loop = asyncio.get_running_loop()
@@ -207,7 +236,7 @@ async def chromium(binary: str, tmp: Path) -> AsyncIterator[Browser]:
         try:
             with (tmp / "chromium.log").open("wb") as log:
                 proc = await asyncio.create_subprocess_exec(
-                    "/bin/sh", "-c", _EXEC, binary, *FLAGS, f"--user-data-dir={profile}", "about:blank",
+                    "/bin/sh", "-c", _EXEC, binary, *FLAGS, rules, f"--user-data-dir={profile}", "about:blank",
                     stdin=cmd_r, stdout=out_w, stderr=log, start_new_session=True,
                 )  # fmt: skip
         finally:
@@ -220,7 +249,7 @@ async def chromium(binary: str, tmp: Path) -> AsyncIterator[Browser]:
         stack.callback(read_transport.close)
         write_transport, _ = await loop.connect_write_pipe(asyncio.Protocol, ours[1])
         stack.callback(write_transport.close)
-        browser = Browser(proc, reader, write_transport)
+        browser = Browser(proc, reader, write_transport, tuple(loopback_names))
         browser._pump = pump = loop.create_task(browser._read())
         stack.push_async_callback(_finish, pump)
         try:
