@@ -127,13 +127,16 @@ def connect(
     """Open an ``hn://`` route from blocking code; returns a socket-like :class:`Connection`.
 
     The route is opened on a private event loop that is closed before this returns: what is
-    left is an ordinary TCP socket spliced to the target. ``hns://`` routes are refused (a
-    usage error, code 400): their TLS runs on an event loop that would have to outlive this
-    call; use :func:`open_connection` for them. Must not be called from a running event loop.
+    left is an ordinary TCP socket spliced to the target. ``hns://``, ``ws://`` and ``wss://``
+    routes are refused (a usage error, code 400): their TLS or WebSocket tunnel runs on an event
+    loop that would have to outlive this call; use :func:`open_connection` for them. Must not be
+    called from a running event loop.
     """
     route = as_route(url)
-    if route.tls:
-        raise UsageError(f"connect() opens hn:// routes only, not {route}: use open_connection() for TLS routes")
+    if route.tls or route.ws:
+        raise UsageError(
+            f"connect() opens hn:// routes only, not {route}: use open_connection() for TLS and WebSocket routes"
+        )
     try:
         asyncio.get_running_loop()
     except RuntimeError:

@@ -106,12 +106,14 @@ async def test_blocking_connect_refuses_a_running_loop_and_tls_routes() -> None:
     with pytest.raises(RuntimeError, match="open_connection"):
         client.connect("hn://127.0.0.1:1/127.0.0.1:1")
 
-    def tls() -> None:
-        client.connect("hns://127.0.0.1:1/127.0.0.1:1")
+    for scheme in ("hns", "ws", "wss"):  # their TLS or tunnel would die with connect()'s loop
 
-    with pytest.raises(UsageError, match="hn:// routes only") as info:
-        await asyncio.to_thread(tls)  # refused before any dial
-    assert info.value.code == Code.BAD_REQUEST
+        def tls(scheme: str = scheme) -> None:
+            client.connect(f"{scheme}://127.0.0.1:1/127.0.0.1:1")
+
+        with pytest.raises(UsageError, match="hn:// routes only") as info:
+            await asyncio.to_thread(tls)  # refused before any dial
+        assert info.value.code == Code.BAD_REQUEST
 
 
 async def test_tls_route_and_control_over_tls(start_node: StartNode, tmp_path: Path) -> None:
