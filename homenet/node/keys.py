@@ -7,6 +7,7 @@ calls; implies every other role). Secrets are never logged: :class:`Secret` mask
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import re
@@ -164,8 +165,22 @@ class KeyStore:
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         with os.fdopen(fd, "w") as fh:
             fh.write("\n".join(lines))
+            _keep_owner(fh.fileno(), self.path)
         tmp.replace(self.path)
         self._mtime = self.path.stat().st_mtime
+
+
+def _keep_owner(fd: int, path: Path) -> None:
+    """The new file keeps the owner of the one it replaces (or of its directory): root running
+    ``homenet key new`` must not lock the node's own user (a systemd DynamicUser) out."""
+    if os.geteuid() != 0:
+        return
+    try:
+        st = path.stat() if path.exists() else path.parent.stat()
+    except OSError:
+        return
+    with contextlib.suppress(OSError):
+        os.fchown(fd, st.st_uid, st.st_gid)
 
 
 def load_keys(path: Path) -> dict[str, Key]:

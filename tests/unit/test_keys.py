@@ -475,3 +475,18 @@ def test_a_keys_file_others_can_read_is_warned_about(tmp_path: Path, caplog: pyt
     assert store.get("alice") is not None, "still loaded: a warning, not a refusal"
     [record] = [r for r in caplog.records if r.getMessage() == "keys.file_readable"]
     assert record.__dict__["hn"] == {"path": str(path), "mode": "0o644", "fix": f"chmod 600 {path}"}
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="changing a file's owner needs root (CI runs as root)")
+def test_root_managing_keys_keeps_the_node_user_s_ownership(tmp_path: Path) -> None:
+    """`homenet key new` as root on a keys file the service user owns (systemd DynamicUser)."""
+    state = tmp_path / "state"
+    state.mkdir()
+    os.chown(state, 4321, 4321)
+    store = KeyStore(state / "keys.toml")
+    store.add("first", ["connect"])  # a new file: its directory's owner
+    assert (state / "keys.toml").stat().st_uid == 4321
+    os.chown(state / "keys.toml", 4322, 4322)
+    store.add("second", ["connect"])  # an existing file: its own owner
+    st = (state / "keys.toml").stat()
+    assert (st.st_uid, st.st_gid, stat.S_IMODE(st.st_mode)) == (4322, 4322, 0o600)
