@@ -58,6 +58,7 @@ def method_roles(s: Settings) -> dict[str, tuple[str, Required]]:
         "/homenet.v1.RelayService/ListListeners": ("admin", always),
         "/homenet.v1.RelayService/Kick": ("admin", always),
         "/homenet.v1.NodeService/ListSessions": ("admin", always),
+        "/homenet.v1.NodeService/GetMetrics": ("admin", always),
         "/homenet.v1.DiscoveryService/Query": ("query", lambda r: "skip" if r.path else query),
         "/homenet.v1.FleetService/Watch": (FLEET_ROLE, always),
         "/homenet.v1.FleetService/Lookup": (FLEET_ROLE, always),
@@ -67,7 +68,13 @@ def method_roles(s: Settings) -> dict[str, tuple[str, Required]]:
 
 
 #: Admin reads a fleet peer (a sibling worker) may make with the fleet key.
-PEER_READABLE = frozenset({"/homenet.v1.NodeService/ListSessions", "/homenet.v1.RelayService/ListListeners"})
+PEER_READABLE = frozenset(
+    {
+        "/homenet.v1.NodeService/ListSessions",
+        "/homenet.v1.RelayService/ListListeners",
+        "/homenet.v1.NodeService/GetMetrics",
+    }
+)
 
 
 class AuthInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]

@@ -8,7 +8,7 @@ build step) that polls ``/api/state``: the same status, listeners, sessions and 
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from importlib import resources
 
 from google.protobuf.json_format import MessageToDict
@@ -42,11 +42,13 @@ def state(node: NodeServicer, relay: Relay, fleet: FleetServicer) -> dict[str, o
     }
 
 
-def pages(metrics: Callable[[], bytes], node: NodeServicer, relay: Relay, fleet: FleetServicer) -> dict[str, Handler]:
+def pages(
+    metrics: Callable[[], Awaitable[bytes]], node: NodeServicer, relay: Relay, fleet: FleetServicer
+) -> dict[str, Handler]:
     """Path -> handler for the admin server."""
 
     async def metrics_page() -> Page:
-        return Page(metrics(), CONTENT_TYPE)
+        return Page(await metrics(), CONTENT_TYPE)
 
     async def state_page() -> Page:
         body = json.dumps(state(node, relay, fleet), separators=(",", ":")).encode()

@@ -22,6 +22,7 @@ from prometheus_client.core import (
     InfoMetricFamily,
     Metric,
 )
+from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.registry import Collector
 
 from homenet import __version__
@@ -216,4 +217,43 @@ def registry_for(collector: NodeCollector) -> CollectorRegistry:
 
 def exposition(registry: CollectorRegistry) -> bytes:
     """The registry in the Prometheus text format."""
+    return generate_latest(registry)
+
+
+class _Families(Collector):
+    def __init__(self, families: list[Metric]) -> None:
+        self.families = families
+
+    def collect(self) -> Iterator[Metric]:
+        return iter(self.families)
+
+
+#: Families that describe one process, not the node: labelled by worker instead of summed.
+_PER_PROCESS = ("process_", "python_")
+
+
+def merge_workers(parts: list[tuple[int, str]]) -> bytes:
+    """One node's metrics from its workers' ``(index, text)``: the ``homenet_*`` samples summed
+    (counters, gauges, histogram buckets; a node's total), ``process_*`` labelled by
+    ``worker`` (one process each), build info once."""
+    out: dict[str, Metric] = {}
+    sums: dict[str, dict[tuple[str, tuple[tuple[str, str], ...]], float]] = {}
+    for worker, text in sorted(parts):
+        for fam in text_string_to_metric_families(text):
+            per_process = fam.name.startswith(_PER_PROCESS)
+            if fam.name not in out:
+                out[fam.name] = Metric(fam.name, fam.documentation, fam.type)
+                sums[fam.name] = {}
+            elif fam.name in ("homenet_build", "homenet_build_info"):
+                continue  # the same for every worker
+            acc = sums[fam.name]
+            for s in fam.samples:
+                named = {**s.labels, "worker": str(worker)} if per_process else dict(s.labels)
+                key = (s.name, tuple(sorted(named.items())))
+                acc[key] = acc.get(key, 0.0) + s.value
+    for name, fam in out.items():
+        for (sample, pairs), value in sums[name].items():
+            fam.add_sample(sample, dict(pairs), value)
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(_Families(list(out.values())))
     return generate_latest(registry)

@@ -13,12 +13,14 @@ import signal
 import socket
 from collections.abc import AsyncIterator, Callable
 
+from prometheus_client import CollectorRegistry
+
 from homenet.control.admin import AdminServer
 from homenet.control.auth import AuthInterceptor
 from homenet.control.console import pages
 from homenet.control.discovery import DiscoveryServicer
 from homenet.control.fleet import FleetServicer, Identity, PeerLinks
-from homenet.control.metrics import NodeCollector, RLView, exposition, registry_for
+from homenet.control.metrics import NodeCollector, RLView, exposition, merge_workers, registry_for
 from homenet.control.relay import RelayServicer
 from homenet.control.rl import IdentityBusy, Refused, RLClient, RLOptions
 from homenet.control.server import ControlServer, NodeServicer
@@ -184,7 +186,10 @@ class NodeRuntime:
             [AuthInterceptor(settings, core.authorizer, core.node.grpc, fleet_auth, sibling_key)]
         )
         fleet_counts = self.fleet.directory.counts if self.fleet is not None and spec is None else None
-        node_servicer = self.control.add_node(core.node, core.relay.registry.online_count, fleet_counts, self.siblings)
+        node_servicer = self.control.add_node(
+            core.node, core.relay.registry.online_count, fleet_counts, self.siblings,
+            metrics=lambda: exposition(self.registry),
+        )  # fmt: skip
         relay_pb2_grpc.add_RelayServiceServicer_to_server(
             RelayServicer(
                 core.relay, core.node.grpc, settings.name, self.links.kick if self.links else None, self.siblings
@@ -200,25 +205,37 @@ class NodeRuntime:
             [RLClient(rl_options(settings, u, core.node_id), self._serve, self._listening, core.queries.query)
              for u in settings.rl]
         )  # fmt: skip
+        self.registry = self._registry()
         self.admin = self._admin(node_servicer, fleet_servicer) if settings.metrics_bind else None
         self.advertiser: Advertiser | None = None
         self._background: set[asyncio.Task[None]] = set()
 
-    def _admin(self, node: NodeServicer, fleet: FleetServicer) -> AdminServer:
-        """The metrics and dashboard server (started with the node)."""
-        core, s = self.core, self.settings
+    def _registry(self) -> CollectorRegistry:
+        """This process's metrics (a worker's siblings are the node, not its fleet)."""
+        core = self.core
         views = [
             RLView(str(c.opts.route), lambda c=c: c.connected, lambda c=c: c.reconnects)  # type: ignore[misc]
             for c in self.listeners.clients
         ]
-        collector = NodeCollector(
-            s.name, core.node, core.relay, core.limiter, core.discovery,
-            self.fleet.directory if self.fleet is not None else None, views,
-        )  # fmt: skip
-        registry = registry_for(collector)
+        fleet = self.fleet.directory if self.fleet is not None and self.spec is None else None
+        return registry_for(
+            NodeCollector(self.settings.name, core.node, core.relay, core.limiter, core.discovery, fleet, views)
+        )
+
+    async def _metrics(self) -> bytes:
+        """The node's metrics: this process's, or every worker's merged."""
+        own = exposition(self.registry)
+        if self.siblings is None:
+            return own
+        others = await self.siblings.metrics()
+        return merge_workers([(self.siblings.index, own.decode()), *((m.worker, m.text) for m in others)])
+
+    def _admin(self, node: NodeServicer, fleet: FleetServicer) -> AdminServer:
+        """The metrics and dashboard server (started with the node)."""
+        core, s = self.core, self.settings
         loopback = s.metrics_loopback
         return AdminServer(
-            pages(lambda: exposition(registry), node, core.relay, fleet),
+            pages(self._metrics, node, core.relay, fleet),
             core.keys, core.limiter, open_access=loopback,
             open_paths=("/metrics",) if s.metrics_auth == "none" else (), tls=None if loopback else core.node.tls,
             keys_need_tls=not loopback,

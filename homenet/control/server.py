@@ -35,8 +35,11 @@ class NodeServicer(node_pb2_grpc.NodeServiceServicer):
         listeners: Callable[[], int],
         fleet: Callable[[], tuple[int, int, int]] | None = None,
         siblings: Siblings | None = None,
+        metrics: Callable[[], bytes] | None = None,
     ) -> None:
         self.node = node
+        #: This process's metrics in the text format (for the worker that serves them all).
+        self.metrics = metrics
         self.sessions: SessionTable = node.sessions
         self.listeners = listeners
         #: (peers up, peers, listeners on peers) of this relay's fleet
@@ -85,6 +88,13 @@ class NodeServicer(node_pb2_grpc.NodeServiceServicer):
             own.extend(await self.siblings.sessions())
             own.sort(key=lambda s: (s.since, s.worker, s.id))
         return node_pb2.ListSessionsResponse(sessions=own)
+
+    async def GetMetrics(
+        self, request: node_pb2.GetMetricsRequest, context: grpc.aio.ServicerContext[object, object]
+    ) -> node_pb2.Metrics:
+        worker = self.siblings.index if self.siblings is not None else 0
+        text = self.metrics().decode() if self.metrics is not None else ""
+        return node_pb2.Metrics(text=text, worker=worker)
 
     def own_sessions(self) -> list[node_pb2.Session]:
         """This process's live sessions, oldest first."""
@@ -137,8 +147,9 @@ class ControlServer:
         listeners: Callable[[], int],
         fleet: Callable[[], tuple[int, int, int]] | None = None,
         siblings: Siblings | None = None,
+        metrics: Callable[[], bytes] | None = None,
     ) -> NodeServicer:
-        servicer = NodeServicer(node, listeners, fleet, siblings)
+        servicer = NodeServicer(node, listeners, fleet, siblings, metrics)
         node_pb2_grpc.add_NodeServiceServicer_to_server(servicer, self.server)
         return servicer
 

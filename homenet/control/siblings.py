@@ -84,6 +84,18 @@ class Siblings:
 
         return [s for part in await self._gather(one) for s in part]
 
+    async def metrics(self) -> list[node_pb2.Metrics]:
+        method = "/homenet.v1.NodeService/GetMetrics"
+
+        async def one(ch: grpc.aio.Channel) -> node_pb2.Metrics:
+            stub = node_pb2_grpc.NodeServiceStub(ch)
+            resp: node_pb2.Metrics = await stub.GetMetrics(
+                node_pb2.GetMetricsRequest(), timeout=DEADLINE, metadata=self._meta(method)
+            )
+            return resp
+
+        return await self._gather(one)
+
     async def listeners(self) -> list[relay_pb2.Listener]:
         method = "/homenet.v1.RelayService/ListListeners"
 

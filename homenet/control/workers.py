@@ -123,6 +123,7 @@ def worker_settings(settings: Settings, spec: WorkerSpec) -> Settings:
         peers=tuple(s for i, s in enumerate(spec.siblings) if i != spec.index),
         rl=settings.rl if first else (),
         health_port=settings.health_port if first else 0,
+        metrics_bind=settings.metrics_bind if first else "",  # worker 0 serves the node's, merged
     )
 
 

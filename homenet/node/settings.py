@@ -313,8 +313,6 @@ class Settings:
                 f"metrics_bind {self.metrics_bind} is not loopback: its admin key would cross the network in"
                 " clear; give tls_cert/tls_key, bind 127.0.0.1, or set metrics_auth none behind a network policy"
             )
-        if self.worker_count > 1:
-            raise SettingsError("metrics_bind with workers > 1 is not supported yet: run one worker per node")
 
     @property
     def worker_count(self) -> int:

@@ -26,7 +26,7 @@ from tests.conftest import StartNode
 from tests.helpers import NodeProc, echo_server, node_args, spawn
 from tests.integration.fleet_support import fleet, listener_records, until
 from tests.integration.rl_support import start_home, two_hop_request
-from tests.integration.support import OK_REPLY, dial, node_conn
+from tests.integration.support import OK_REPLY, dial, node_conn, wait_status
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -246,3 +246,25 @@ async def test_refusals_at_accept_and_the_caps_are_exported(start_node: StartNod
     after = await scrape(node)
     assert moved(before, after, "homenet_sessions_total", plane="unknown", code="429") == 1
     assert moved(before, after, "homenet_refusals_total", code="429") == 1
+
+
+async def test_a_multi_worker_node_serves_its_workers_metrics_merged(start_node: StartNode) -> None:
+    """Worker 0 serves the node's metrics address: every worker's counters summed (the
+    node's totals), process_* families labelled by worker."""
+    node = await start_node(
+        args=node_args("127.0.0.1", "--workers", "2", "--allow", "127.0.0.0/8", "--metrics-bind", "127.0.0.1:0")
+    )
+    async with echo_server() as echo:
+        sessions = 20  # all on one worker of two by chance: 2 * 2**-20
+        for i in range(sessions):
+            got = await exchange(node, encode_request(Verb.CONNECT, echo.endpoint), b"w%d" % i)
+            assert got == OK_REPLY + b"w%d" % i
+        status = await wait_status(node, "every session counted", lambda s: s.total_sessions == sessions)
+        assert status.workers_up == 2
+    after = await settled(node)
+    assert value(after, "homenet_sessions_total", plane="data", code="200") == sessions
+    assert value(after, "homenet_bytes_total", direction="up") == status.bytes_up
+    cpu = {dict(k[1])["worker"] for k in after if k[0] == "process_cpu_seconds_total"}
+    assert cpu == {"0", "1"}, after.keys()
+    info = [k for k, v in after.items() if k[0] == "homenet_build_info" and v == 1]
+    assert len(info) == 1, info

@@ -62,6 +62,9 @@ class ScriptedNode(node_pb2_grpc.NodeServiceServicer):
     ) -> node_pb2.ListSessionsResponse:
         context.abort(grpc.StatusCode.UNIMPLEMENTED, "not scripted")
 
+    def GetMetrics(self, request: node_pb2.GetMetricsRequest, context: grpc.ServicerContext) -> node_pb2.Metrics:
+        context.abort(grpc.StatusCode.UNIMPLEMENTED, "not scripted")
+
 
 @pytest.fixture(scope="module")
 def grpc_addr() -> str:

@@ -385,6 +385,11 @@ def test_metrics_off_loopback_need_tls_for_the_admin_key_or_an_explicit_none() -
         Settings(metrics_bind="127.0.0.1:9469", metrics_auth="maybe")
 
 
-def test_metrics_with_several_workers_are_refused() -> None:
-    with pytest.raises(SettingsError, match="workers > 1"):
-        Settings(metrics_bind="127.0.0.1:9469", workers=2)
+def test_metrics_with_several_workers_are_served_by_worker_0() -> None:
+    from homenet.control.workers import WorkerSpec, worker_settings
+
+    s = Settings(metrics_bind="127.0.0.1:9469", workers=2)
+    spec = WorkerSpec(0, ("127.0.0.1:1", "127.0.0.1:2"), ("/a", "/b"), "/k", "/r", 3, -1, "127.0.0.1", 1, 1)
+    assert worker_settings(s, spec).metrics_bind == "127.0.0.1:9469"
+    other = WorkerSpec(1, spec.siblings, spec.handoffs, "/k", "/r", 4, -1, "127.0.0.1", 1, 1)
+    assert worker_settings(s, other).metrics_bind == ""

@@ -24,23 +24,27 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x15homenet/v1/node.proto\x12\nhomenet.v1\"\x12\n\x10GetStatusRequest\"\xd2\x02\n\nNodeStatus\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12\x16\n\x0euptime_seconds\x18\x03 \x01(\x01\x12\x0f\n\x07\x61\x64\x64ress\x18\x04 \x01(\t\x12\x17\n\x0f\x61\x63tive_sessions\x18\x05 \x01(\x04\x12\x16\n\x0etotal_sessions\x18\x06 \x01(\x04\x12\x10\n\x08\x62ytes_up\x18\x07 \x01(\x04\x12\x12\n\nbytes_down\x18\x08 \x01(\x04\x12\x18\n\x10refused_sessions\x18\t \x01(\x04\x12\x11\n\tlisteners\x18\n \x01(\x04\x12\r\n\x05state\x18\x0b \x01(\t\x12\x16\n\x0e\x66leet_peers_up\x18\x0c \x01(\r\x12\x13\n\x0b\x66leet_peers\x18\r \x01(\r\x12\x17\n\x0f\x66leet_listeners\x18\x0e \x01(\x04\x12\x0f\n\x07workers\x18\x0f \x01(\r\x12\x12\n\nworkers_up\x18\x10 \x01(\r\"\x15\n\x13ListSessionsRequest\"\x8a\x01\n\x07Session\x12\n\n\x02id\x18\x01 \x01(\x04\x12\x0e\n\x06\x63lient\x18\x02 \x01(\t\x12\x0e\n\x06target\x18\x03 \x01(\t\x12\x0e\n\x06\x64ialed\x18\x04 \x01(\t\x12\r\n\x05since\x18\x05 \x01(\x01\x12\x10\n\x08\x62ytes_up\x18\x06 \x01(\x04\x12\x12\n\nbytes_down\x18\x07 \x01(\x04\x12\x0e\n\x06worker\x18\x08 \x01(\r\"=\n\x14ListSessionsResponse\x12%\n\x08sessions\x18\x01 \x03(\x0b\x32\x13.homenet.v1.Session2\xa3\x01\n\x0bNodeService\x12\x41\n\tGetStatus\x12\x1c.homenet.v1.GetStatusRequest\x1a\x16.homenet.v1.NodeStatus\x12Q\n\x0cListSessions\x12\x1f.homenet.v1.ListSessionsRequest\x1a .homenet.v1.ListSessionsResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x15homenet/v1/node.proto\x12\nhomenet.v1\"\x13\n\x11GetMetricsRequest\"\'\n\x07Metrics\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x0e\n\x06worker\x18\x02 \x01(\x05\"\x12\n\x10GetStatusRequest\"\xd2\x02\n\nNodeStatus\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12\x16\n\x0euptime_seconds\x18\x03 \x01(\x01\x12\x0f\n\x07\x61\x64\x64ress\x18\x04 \x01(\t\x12\x17\n\x0f\x61\x63tive_sessions\x18\x05 \x01(\x04\x12\x16\n\x0etotal_sessions\x18\x06 \x01(\x04\x12\x10\n\x08\x62ytes_up\x18\x07 \x01(\x04\x12\x12\n\nbytes_down\x18\x08 \x01(\x04\x12\x18\n\x10refused_sessions\x18\t \x01(\x04\x12\x11\n\tlisteners\x18\n \x01(\x04\x12\r\n\x05state\x18\x0b \x01(\t\x12\x16\n\x0e\x66leet_peers_up\x18\x0c \x01(\r\x12\x13\n\x0b\x66leet_peers\x18\r \x01(\r\x12\x17\n\x0f\x66leet_listeners\x18\x0e \x01(\x04\x12\x0f\n\x07workers\x18\x0f \x01(\r\x12\x12\n\nworkers_up\x18\x10 \x01(\r\"\x15\n\x13ListSessionsRequest\"\x8a\x01\n\x07Session\x12\n\n\x02id\x18\x01 \x01(\x04\x12\x0e\n\x06\x63lient\x18\x02 \x01(\t\x12\x0e\n\x06target\x18\x03 \x01(\t\x12\x0e\n\x06\x64ialed\x18\x04 \x01(\t\x12\r\n\x05since\x18\x05 \x01(\x01\x12\x10\n\x08\x62ytes_up\x18\x06 \x01(\x04\x12\x12\n\nbytes_down\x18\x07 \x01(\x04\x12\x0e\n\x06worker\x18\x08 \x01(\r\"=\n\x14ListSessionsResponse\x12%\n\x08sessions\x18\x01 \x03(\x0b\x32\x13.homenet.v1.Session2\xe5\x01\n\x0bNodeService\x12\x41\n\tGetStatus\x12\x1c.homenet.v1.GetStatusRequest\x1a\x16.homenet.v1.NodeStatus\x12Q\n\x0cListSessions\x12\x1f.homenet.v1.ListSessionsRequest\x1a .homenet.v1.ListSessionsResponse\x12@\n\nGetMetrics\x12\x1d.homenet.v1.GetMetricsRequest\x1a\x13.homenet.v1.Metricsb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'homenet.v1.node_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_GETSTATUSREQUEST']._serialized_start=37
-  _globals['_GETSTATUSREQUEST']._serialized_end=55
-  _globals['_NODESTATUS']._serialized_start=58
-  _globals['_NODESTATUS']._serialized_end=396
-  _globals['_LISTSESSIONSREQUEST']._serialized_start=398
-  _globals['_LISTSESSIONSREQUEST']._serialized_end=419
-  _globals['_SESSION']._serialized_start=422
-  _globals['_SESSION']._serialized_end=560
-  _globals['_LISTSESSIONSRESPONSE']._serialized_start=562
-  _globals['_LISTSESSIONSRESPONSE']._serialized_end=623
-  _globals['_NODESERVICE']._serialized_start=626
-  _globals['_NODESERVICE']._serialized_end=789
+  _globals['_GETMETRICSREQUEST']._serialized_start=37
+  _globals['_GETMETRICSREQUEST']._serialized_end=56
+  _globals['_METRICS']._serialized_start=58
+  _globals['_METRICS']._serialized_end=97
+  _globals['_GETSTATUSREQUEST']._serialized_start=99
+  _globals['_GETSTATUSREQUEST']._serialized_end=117
+  _globals['_NODESTATUS']._serialized_start=120
+  _globals['_NODESTATUS']._serialized_end=458
+  _globals['_LISTSESSIONSREQUEST']._serialized_start=460
+  _globals['_LISTSESSIONSREQUEST']._serialized_end=481
+  _globals['_SESSION']._serialized_start=484
+  _globals['_SESSION']._serialized_end=622
+  _globals['_LISTSESSIONSRESPONSE']._serialized_start=624
+  _globals['_LISTSESSIONSRESPONSE']._serialized_end=685
+  _globals['_NODESERVICE']._serialized_start=688
+  _globals['_NODESERVICE']._serialized_end=917
 # @@protoc_insertion_point(module_scope)

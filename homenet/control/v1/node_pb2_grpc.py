@@ -45,6 +45,11 @@ class NodeServiceStub:
                 request_serializer=homenet_dot_v1_dot_node__pb2.ListSessionsRequest.SerializeToString,
                 response_deserializer=homenet_dot_v1_dot_node__pb2.ListSessionsResponse.FromString,
                 _registered_method=True)
+        self.GetMetrics = channel.unary_unary(
+                '/homenet.v1.NodeService/GetMetrics',
+                request_serializer=homenet_dot_v1_dot_node__pb2.GetMetricsRequest.SerializeToString,
+                response_deserializer=homenet_dot_v1_dot_node__pb2.Metrics.FromString,
+                _registered_method=True)
 
 
 class NodeServiceServicer:
@@ -65,6 +70,14 @@ class NodeServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GetMetrics(self, request, context):
+        """GetMetrics returns this process's metrics in the Prometheus text format (admin; the
+        worker serving a node's metrics address asks its siblings for theirs).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_NodeServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -77,6 +90,11 @@ def add_NodeServiceServicer_to_server(servicer, server):
                     servicer.ListSessions,
                     request_deserializer=homenet_dot_v1_dot_node__pb2.ListSessionsRequest.FromString,
                     response_serializer=homenet_dot_v1_dot_node__pb2.ListSessionsResponse.SerializeToString,
+            ),
+            'GetMetrics': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetMetrics,
+                    request_deserializer=homenet_dot_v1_dot_node__pb2.GetMetricsRequest.FromString,
+                    response_serializer=homenet_dot_v1_dot_node__pb2.Metrics.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -134,6 +152,33 @@ class NodeService:
             '/homenet.v1.NodeService/ListSessions',
             homenet_dot_v1_dot_node__pb2.ListSessionsRequest.SerializeToString,
             homenet_dot_v1_dot_node__pb2.ListSessionsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetMetrics(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/homenet.v1.NodeService/GetMetrics',
+            homenet_dot_v1_dot_node__pb2.GetMetricsRequest.SerializeToString,
+            homenet_dot_v1_dot_node__pb2.Metrics.FromString,
             options,
             channel_credentials,
             insecure,

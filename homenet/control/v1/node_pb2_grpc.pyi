@@ -42,6 +42,10 @@ class NodeServiceStub:
     """GetStatus reports identity, uptime and traffic counters of the node."""
     ListSessions: _grpc.UnaryUnaryMultiCallable[_node_pb2.ListSessionsRequest, _node_pb2.ListSessionsResponse]
     """ListSessions lists the data-plane sessions the node is splicing now."""
+    GetMetrics: _grpc.UnaryUnaryMultiCallable[_node_pb2.GetMetricsRequest, _node_pb2.Metrics]
+    """GetMetrics returns this process's metrics in the Prometheus text format (admin; the
+    worker serving a node's metrics address asks its siblings for theirs).
+    """
 
 @_typing.type_check_only
 class NodeServiceAsyncStub(NodeServiceStub):
@@ -52,6 +56,10 @@ class NodeServiceAsyncStub(NodeServiceStub):
     """GetStatus reports identity, uptime and traffic counters of the node."""
     ListSessions: _aio.UnaryUnaryMultiCallable[_node_pb2.ListSessionsRequest, _node_pb2.ListSessionsResponse]  # type: ignore[assignment]
     """ListSessions lists the data-plane sessions the node is splicing now."""
+    GetMetrics: _aio.UnaryUnaryMultiCallable[_node_pb2.GetMetricsRequest, _node_pb2.Metrics]  # type: ignore[assignment]
+    """GetMetrics returns this process's metrics in the Prometheus text format (admin; the
+    worker serving a node's metrics address asks its siblings for theirs).
+    """
 
 class NodeServiceServicer(metaclass=_abc_1.ABCMeta):
     """NodeService is the operator's view of one node."""
@@ -71,5 +79,15 @@ class NodeServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_node_pb2.ListSessionsResponse, _abc.Awaitable[_node_pb2.ListSessionsResponse]]:
         """ListSessions lists the data-plane sessions the node is splicing now."""
+
+    @_abc_1.abstractmethod
+    def GetMetrics(
+        self,
+        request: _node_pb2.GetMetricsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_node_pb2.Metrics, _abc.Awaitable[_node_pb2.Metrics]]:
+        """GetMetrics returns this process's metrics in the Prometheus text format (admin; the
+        worker serving a node's metrics address asks its siblings for theirs).
+        """
 
 def add_NodeServiceServicer_to_server(servicer: NodeServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
