@@ -33,6 +33,7 @@ import h11
 
 from homenet.node.auth import Credentials
 from homenet.node.connection import Handshake
+from homenet.node.dialer import send_now, send_rest
 from homenet.node.errors import Code, HomeNetError
 from homenet.node.httproute import (
     LOGIN_PATH,
@@ -193,18 +194,30 @@ def head_size(req: h11.Request) -> int:
 
 
 async def next_event(conn: h11.Connection, sock: socket.socket, timeout: float | None) -> object:
-    """The next h11 event of ``conn``, reading ``sock`` as needed (``timeout`` per read)."""
+    """The next h11 event of ``conn``, reading ``sock`` as needed (``timeout`` per wait). A read
+    is tried at once first: the bytes are usually there, and then no deadline is armed."""
     loop = asyncio.get_running_loop()
     while True:
         event = conn.next_event()
         if event is not h11.NEED_DATA:
             return event
-        if timeout is None:
-            data = await loop.sock_recv(sock, _CHUNK)
-        else:
-            async with asyncio.timeout(timeout):
+        try:
+            data = sock.recv(_CHUNK)
+        except (BlockingIOError, InterruptedError):
+            if timeout is None:
                 data = await loop.sock_recv(sock, _CHUNK)
+            else:
+                async with asyncio.timeout(timeout):
+                    data = await loop.sock_recv(sock, _CHUNK)
         conn.receive_data(data)
+
+
+async def send_all(sock: socket.socket, data: bytes) -> None:
+    """Send ``data``: one plain send nearly always takes it; the rest waits, with a deadline."""
+    sent = send_now(sock, data)
+    if sent < len(data):
+        async with asyncio.timeout(STALL_TIMEOUT):
+            await send_rest(sock, data, sent)
 
 
 class GatewaySession:
@@ -351,10 +364,7 @@ class GatewaySession:
         upgrade = wants_upgrade(list(request.headers))
         onward = onward_headers(list(request.headers), self.peer_ip, self.hs.tls, upgrade=upgrade)
         try:
-            await self._send_up(h11.Request(method=request.method, target=named.target, headers=onward))
-            if self.conn.they_are_waiting_for_100_continue:
-                await self._send_client(h11.InformationalResponse(status_code=100, headers=[]))
-            await self._pump(self.conn, self.sock, up, to_upstream=True)
+            await self._relay(h11.Request(method=request.method, target=named.target, headers=onward), up, True)
             response = await self._response_head(up)
         except (h11.ProtocolError, OSError, TimeoutError, ConnectionError) as exc:
             self._drop_upstream()
@@ -367,8 +377,7 @@ class GatewaySession:
             reason=response.reason,
         )  # fmt: skip
         try:
-            await self._send_client(head, up)
-            await self._pump(up.conn, up.sock, up, to_upstream=False)
+            await self._relay(head, up, False)
         except (h11.ProtocolError, OSError, TimeoutError, ConnectionError) as exc:
             log.debug("gateway.response_cut", extra=fields(peer=self.hs.peer, error=str(exc)))
             self._drop_upstream()
@@ -391,18 +400,47 @@ class GatewaySession:
                 return event
             raise ConnectionResetError("the target closed before its response")
 
-    async def _pump(self, conn: h11.Connection, sock: socket.socket, up: Upstream | None, *, to_upstream: bool) -> None:
-        """Stream one message's body from ``conn`` (read from ``sock``) to the other side."""
+    async def _relay(self, head: h11.Request | h11.Response, up: Upstream, to_upstream: bool) -> None:
+        """Send ``head``, then stream its body from the other side, coalesced: what is in hand
+        goes out in one write (a small message: head, body and end together), and nothing
+        pending waits while more is read."""
+        src_conn, src_sock = (self.conn, self.sock) if to_upstream else (up.conn, up.sock)
+        dst_conn, dst_sock = (up.conn, up.sock) if to_upstream else (self.conn, self.sock)
+        out = bytearray(dst_conn.send(head) or b"")
+        if to_upstream and self.conn.they_are_waiting_for_100_continue:
+            await self._flush(dst_sock, out, up, to_upstream)
+            await self._send_client(h11.InformationalResponse(status_code=100, headers=[]))
+        loop = asyncio.get_running_loop()
         while True:
-            event = await next_event(conn, sock, STALL_TIMEOUT)
-            if isinstance(event, h11.Data):
-                await (self._send_up(event) if to_upstream else self._send_client(event, up))
+            event = src_conn.next_event()
+            if event is h11.NEED_DATA:
+                await self._flush(dst_sock, out, up, to_upstream)
+                try:
+                    data = src_sock.recv(_CHUNK)
+                except (BlockingIOError, InterruptedError):
+                    async with asyncio.timeout(STALL_TIMEOUT):
+                        data = await loop.sock_recv(src_sock, _CHUNK)
+                src_conn.receive_data(data)
+            elif isinstance(event, h11.Data):
+                out += dst_conn.send(event) or b""
+                if len(out) >= _CHUNK:
+                    await self._flush(dst_sock, out, up, to_upstream)
             elif isinstance(event, h11.EndOfMessage):
-                end = h11.EndOfMessage()
-                await (self._send_up(end) if to_upstream else self._send_client(end, up))
+                out += dst_conn.send(h11.EndOfMessage()) or b""
+                await self._flush(dst_sock, out, up, to_upstream)
                 return
             else:
                 raise ConnectionResetError("the message was cut short")
+
+    @staticmethod
+    async def _flush(sock: socket.socket, out: bytearray, up: Upstream, to_upstream: bool) -> None:
+        if out:
+            if to_upstream:
+                up.info.moved_up += len(out)
+            else:
+                up.info.moved_down += len(out)
+            await send_all(sock, bytes(out))
+            out.clear()
 
     async def _switch(self, response: h11.Response | h11.InformationalResponse, up: Upstream) -> bool:
         """The target agreed to switch protocols: tell the client, then splice the two."""
@@ -426,24 +464,11 @@ class GatewaySession:
             raise
         return False
 
-    async def _send_up(self, event: h11.Request | h11.Data | h11.EndOfMessage) -> None:
-        assert self.up is not None
-        data = self.up.conn.send(event)
-        self.up.info.moved_up += len(data)
-        if data:
-            async with asyncio.timeout(STALL_TIMEOUT):
-                await asyncio.get_running_loop().sock_sendall(self.up.sock, data)
-
-    async def _send_client(
-        self, event: h11.Response | h11.InformationalResponse | h11.Data | h11.EndOfMessage, up: Upstream | None = None
-    ) -> None:
-        """Send to the client (``up``: the target's answer being relayed, counted as its bytes)."""
+    async def _send_client(self, event: h11.InformationalResponse) -> None:
+        """Send an interim response (100, 101) to the client."""
         data = self.conn.send(event)
-        if up is not None:
-            up.info.moved_down += len(data)
         if data:
-            async with asyncio.timeout(STALL_TIMEOUT):
-                await asyncio.get_running_loop().sock_sendall(self.sock, data)
+            await send_all(self.sock, data)
 
     # -- our own pages and refusals ----------------------------------------------------------------
     async def _own_page(self, request: h11.Request, path: bytes) -> bool:
@@ -520,9 +545,9 @@ class GatewaySession:
                    (b"cache-control", b"no-store"), *extra]  # fmt: skip
         if unread_body:
             headers.append((b"connection", b"close"))
-        await self._send_client(h11.Response(status_code=status, headers=headers, reason=HTTPStatus(status).phrase))
-        await self._send_client(h11.Data(data=body))
-        await self._send_client(h11.EndOfMessage())
+        head = h11.Response(status_code=status, headers=headers, reason=HTTPStatus(status).phrase)
+        out = (self.conn.send(head) or b"") + (self.conn.send(h11.Data(data=body)) or b"")
+        await send_all(self.sock, out + (self.conn.send(h11.EndOfMessage()) or b""))  # one write
         bump(self.plane.responses, str(status))
         return not unread_body
 
