@@ -395,17 +395,24 @@ async def test_a_listen_id_is_claimed_only_with_its_key(secure: Start, tmp_path:
     async with channel(relay) as ch:
         stub = relay_pb2_grpc.RelayServiceStub(ch)
         for creds, code in ((keys["bob"], grpc.StatusCode.PERMISSION_DENIED), (None, grpc.StatusCode.UNAUTHENTICATED)):
-            meta = call_metadata(creds, "/homenet.v1.RelayService/Listen")
-            call = stub.Listen(metadata=meta, timeout=TIMEOUT)  # type: ignore[call-arg]
-            first: object = None
-            try:
-                with contextlib.suppress(grpc.aio.AioRpcError):  # the call may end before our write
-                    await call.write(relay_pb2.ListenerMessage(register=relay_pb2.Register(listen_id="alice")))
-                    first = await call.read()
-                assert first is None, f"registered: {first}"
-                assert await call.code() is code, await call.details()
-            finally:
-                call.cancel()
+            for _ in range(3):  # gRPC core may end a refused stream the client is writing to as INTERNAL
+                meta = call_metadata(creds, "/homenet.v1.RelayService/Listen")
+                call = stub.Listen(metadata=meta, timeout=TIMEOUT)  # type: ignore[call-arg]
+                first: object = None
+                try:
+                    with contextlib.suppress(grpc.aio.AioRpcError):  # the call may end before our write
+                        await call.write(relay_pb2.ListenerMessage(register=relay_pb2.Register(listen_id="alice")))
+                        first = await call.read()
+                    assert first is None, f"registered: {first}"
+                    got = await call.code()
+                    if got is grpc.StatusCode.INTERNAL and await call.details() == "Internal error from Core":
+                        continue  # the transport's race (about 1 call in 200, before this check too): again
+                    assert got is code, await call.details()
+                    break
+                finally:
+                    call.cancel()
+            else:
+                raise AssertionError("three refused streams in a row ended as INTERNAL")
         listeners = await stub.ListListeners(
             relay_pb2.ListListenersRequest(), timeout=5.0, metadata=call_metadata(keys["root"], LIST)
         )

@@ -503,6 +503,7 @@ _UNARY = st.one_of(
     messages(relay_pb2.ListListenersRequest),
     messages(node_pb2.GetStatusRequest),
     messages(node_pb2.ListSessionsRequest),
+    messages(node_pb2.GetMetricsRequest),
     messages(discovery_pb2.QueryRequest),
 )
 
@@ -534,6 +535,8 @@ def test_fuzz_unary(
                 resp = await core.node_svc.GetStatus(request, c)
             elif isinstance(request, node_pb2.ListSessionsRequest):
                 resp = await core.node_svc.ListSessions(request, c)
+            elif isinstance(request, node_pb2.GetMetricsRequest):
+                resp = await core.node_svc.GetMetrics(request, c)
             else:
                 assert isinstance(request, discovery_pb2.QueryRequest)
                 resp = await core.discovery_svc.Query(request, c)
@@ -673,7 +676,7 @@ def test_strategies_cover_every_request_message() -> None:
     """Every request type of every service is fuzzed above (a new RPC needs a new strategy)."""
     fuzzed = {
         "ListenerMessage", "KickRequest", "ListListenersRequest", "GetStatusRequest", "ListSessionsRequest",
-        "QueryRequest", "ForwardedQuery", "QueryResult",
+        "GetMetricsRequest", "QueryRequest", "ForwardedQuery", "QueryResult",
     }  # fmt: skip
     for module in (relay_pb2, node_pb2, discovery_pb2):
         for service in module.DESCRIPTOR.services_by_name.values():
