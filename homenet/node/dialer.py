@@ -128,7 +128,10 @@ async def connect(addr: IPAddress, port: int, timeout: float) -> socket.socket:
         if _STREAM_NONBLOCK == socket.SOCK_STREAM:  # no SOCK_NONBLOCK here: the socket blocks
             sock.setblocking(False)
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # what tune() does
-        keepalive(sock)
+        # keepalive on, with the system's timing: one syscall per dial (the client's side, on
+        # the listening socket, has the short timing for free); an idle session's timeout
+        # covers a target that vanished
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
         # A plain non-blocking connect: loop.sock_connect() would resolve the literal address
         # again (uvloop sends that through its thread pool), once per session.
         err = sock.connect_ex((host_of(addr), port))

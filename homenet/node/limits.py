@@ -39,6 +39,12 @@ def source_of(host: str) -> str:
     return str(addr)
 
 
+def client_source(peer: str) -> str:
+    """The admission unit of a connection's client: its address, also for a connection a relay
+    activated (``"203.0.113.9:5555 via hn://relay"``)."""
+    return source_of(peer.split(" ", 1)[0])
+
+
 def _decrement(counts: dict[str, int], key: str) -> None:
     n = counts.get(key, 0) - 1
     if n <= 0:

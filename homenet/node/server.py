@@ -28,7 +28,7 @@ from homenet.node.fleet import FWD
 from homenet.node.gateway import HttpPlane
 from homenet.node.handoff import HandedOff
 from homenet.node.httproute import raw_refusal
-from homenet.node.limits import Descriptors, SourceLimiter, source_of
+from homenet.node.limits import Descriptors, SourceLimiter, client_source, source_of
 from homenet.node.log import fields
 from homenet.node.policy import normalise
 from homenet.node.preamble import (
@@ -411,11 +411,12 @@ class Node:
         except HandedOff:  # a sibling worker serves it
             return True
         try:
-            early, sent = await self._stamped(hs)
+            # nearly always decided on what is in hand: no deadline, no coroutine
+            early, sent = self._stamp_now(hs.trailing, hs.depth) or await self._stamped(hs)
         except BaseException:
             target.sock.close()
             raise
-        await self.sessions.splice(hs.sock, hs.peer, early, target, event.arg, sent)
+        await self.sessions.splice(hs.sock, hs.peer, early, target, event.arg, sent, hs.source)
         self.setup_seconds.observe(self._now() - hs.since)
         return True
 
@@ -445,7 +446,7 @@ class Node:
         s = self.settings
         if len(self.sessions) + self.http.open_count >= s.max_sessions:
             raise RouteError(Code.TOO_MANY, f"node at its limit of {s.max_sessions} sessions")
-        if self.sessions.count_for(source_of(hs.peer)) >= s.max_sessions_per_source:
+        if self.sessions.count_for(hs.source or client_source(hs.peer)) >= s.max_sessions_per_source:
             raise RouteError(Code.TOO_MANY, f"more than {s.max_sessions_per_source} sessions from one source")
         if self.descriptors.data_full(hs.sock.fileno()):
             raise RouteError(Code.TOO_MANY, "node near its descriptor limit; retry later")
@@ -469,6 +470,16 @@ class Node:
         sub = Handshake(hs.sock, hs.peer, depth=hs.depth, request=request, tls=hs.tls, gateway=True)
         return await self.router.route(sub, hop)
 
+    @staticmethod
+    def _stamp_now(early: bytes, depth: int) -> tuple[bytes, int] | None:
+        """:meth:`_stamped` on the bytes in hand; None when more must be read first."""
+        if early.startswith(MAGIC):
+            stamped = stamp_depth(early, depth + 1)
+            return None if stamped is None else (stamped, len(early))
+        if not early or not MAGIC.startswith(early):
+            return early, len(early)  # a payload, not a request line
+        return None
+
     async def _stamped(self, hs: Handshake) -> tuple[bytes, int]:
         """The client's pipelined bytes, the next request line stamped with the hop count.
         A line that came cut (even after its first byte) is read to its end first, within the
@@ -476,17 +487,12 @@ class Node:
         the bytes to send on and how many of them the client sent."""
         early = hs.trailing
         async with asyncio.timeout(self.settings.handshake_timeout):
-            while True:
-                if early.startswith(MAGIC):
-                    stamped = stamp_depth(early, hs.depth + 1)
-                    if stamped is not None:
-                        return stamped, len(early)
-                elif not early or not MAGIC.startswith(early):
-                    return early, len(early)  # a payload, not a request line
+            while (done := self._stamp_now(early, hs.depth)) is None:
                 chunk = await recv_some(hs.sock, _RECV)
                 if not chunk:
                     return early, len(early)
                 early += chunk
+        return done
 
     def _now(self) -> float:
         loop = self._loop

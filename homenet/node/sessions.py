@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 
 from homenet.node.dialer import send_now, send_rest
 from homenet.node.errors import Code
-from homenet.node.limits import source_of
+from homenet.node.limits import client_source
 from homenet.node.log import fields
 from homenet.node.preamble import encode_reply
 from homenet.node.splice import CarrierPool, Splice, is_disconnect
@@ -49,6 +49,8 @@ class SessionInfo:
     dialed: str
     since: float
     splice: Splice | None = field(default=None, repr=False)
+    #: The client's admission unit (counted against its per-source cap while the session lives).
+    source: str = ""
     #: Bytes counted by an owner that moves them itself (the HTTP gateway), when no splice does.
     moved_up: int = 0
     moved_down: int = 0
@@ -117,11 +119,21 @@ class SessionTable:
         return self.by_source.get(source, 0)
 
     async def splice(
-        self, client: socket.socket, peer: str, early: bytes, target: Target, name: str, counted: int | None = None
+        self,
+        client: socket.socket,
+        peer: str,
+        early: bytes,
+        target: Target,
+        name: str,
+        counted: int | None = None,
+        source: str | None = None,
     ) -> None:
         """Reply OK, hand ``early`` (the client's pipelined bytes) over, splice client <-> target;
         ``counted``: how many of those bytes the client sent (the node may have stamped a line)."""
-        info = SessionInfo(next(self._ids), peer, name, target.dialed, time.time())
+        # the source as admitted (host only: cached); a peer string with its port never repeats
+        info = SessionInfo(
+            next(self._ids), peer, name, target.dialed, time.time(), source=source or client_source(peer)
+        )
         try:
             # plain sends first: a reply line and a first payload nearly always fit at once
             reply = _OK + target.to_client if target.to_client else _OK
@@ -152,20 +164,18 @@ class SessionTable:
         if not self.live:
             self._idle.clear()
         self.live[info.id] = info
-        source = source_of(peer)
-        self.by_source[source] = self.by_source.get(source, 0) + 1
+        self.by_source[info.source] = self.by_source.get(info.source, 0) + 1
         sp.start()
         if log.isEnabledFor(logging.DEBUG):
             log.debug("session.open", extra=fields(id=info.id, client=peer, target=name, dialed=target.dialed))
 
     def _closed(self, info: SessionInfo, exc: BaseException | None) -> None:
         if self.live.pop(info.id, None) is not None:
-            source = source_of(info.client)
-            n = self.by_source.get(source, 0) - 1
+            n = self.by_source.get(info.source, 0) - 1
             if n > 0:
-                self.by_source[source] = n
+                self.by_source[info.source] = n
             else:
-                self.by_source.pop(source, None)
+                self.by_source.pop(info.source, None)
         c = self.counters
         c.sessions += 1
         c.bytes_up += info.bytes_up
