@@ -15,7 +15,7 @@ from google.protobuf.message import Message
 from homenet import __version__
 from homenet.cli.common import EXIT_OK, EXIT_USAGE, PROG, fail, guarded, run
 from homenet.client import Client, ControlError
-from homenet.client.control import query_target
+from homenet.client.control import query_endpoint, query_target
 from homenet.control.v1 import discovery_pb2
 from homenet.node.address import DEFAULT_PORT, AddressError, parse_endpoint
 from homenet.node.auth import Credentials
@@ -258,6 +258,16 @@ def main(argv: list[str] | None = None) -> int:
     creds = Credentials(*found) if found else None
 
     async def go() -> None:
+        if args.command == "query":  # a ws:// relay: through a local tunnel forwarder
+            tunnel = query_endpoint(
+                args.url, timeout=args.timeout, tls_ca=args.tls_ca, tls_cert=args.tls_cert, tls_key=args.tls_key
+            )
+            async with tunnel as (local, _, url_tls):
+                await session(local, args.tls or url_tls)
+        else:
+            await session(node, tls)
+
+    async def session(node: str, tls: bool) -> None:
         # no retries: hnctl reports the first failure (scripts decide whether to try again)
         async with Client(
             node, key=creds, timeout=args.timeout, tls=tls, tls_ca=args.tls_ca, tls_cert=args.tls_cert,

@@ -8,15 +8,19 @@ reason that may pass (the node unreachable, ``unavailable``, ``432 moving``) are
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable, Sequence
+import contextlib
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from types import TracebackType
 from typing import TypeVar
 
 from homenet.client.options import Key, attempts, check_retries, credentials
 from homenet.control.client import ControlClient, ControlError
 from homenet.control.v1 import discovery_pb2, fleet_pb2, node_pb2, relay_pb2
-from homenet.node.address import DEFAULT_PORT, ListenId, parse_url
+from homenet.node.address import DEFAULT_PORT, ListenId, Route, parse_url
+from homenet.node.client import Dialing
 from homenet.node.errors import UsageError
+from homenet.node.forward import Forwarder
+from homenet.node.tls import TLSError, client_context
 
 T = TypeVar("T")
 
@@ -105,6 +109,35 @@ class Client:
         return await self._call(lambda: self._control.query(hops, name, type_))
 
 
+@contextlib.asynccontextmanager
+async def query_endpoint(
+    url: str,
+    *,
+    timeout: float = 5.0,
+    tls_ca: str | None = None,
+    tls_cert: str | None = None,
+    tls_key: str | None = None,
+) -> AsyncIterator[tuple[str, list[str], bool]]:
+    """:func:`query_target` for calls: a ``ws://`` or ``wss://`` relay is reached through a
+    local forwarder whose every connection is one WebSocket tunnel (an HTTP-only network), so
+    the control call stays plain gRPC to that local port."""
+    node, path, tls = query_target(url)
+    route = parse_url(url)
+    if not route.ws:
+        yield node, path, tls
+        return
+    try:
+        ctx = client_context(tls_ca, tls_cert, tls_key) if route.tls else None
+    except TLSError as exc:
+        raise UsageError(str(exc)) from None
+    forwarder = Forwarder(Route(route.entry, (), tls=route.tls, ws=True), "127.0.0.1", 0, Dialing(timeout, None, ctx))
+    local = await forwarder.start()
+    try:
+        yield str(local), path, False  # TLS, if any, is the tunnel's
+    finally:
+        await forwarder.close()
+
+
 def query_target(url: str) -> tuple[str, list[str], bool]:
     """The node to ask, the listenId path beyond it and whether to talk TLS, for a query of
     ``url`` (``hn[s]://NODE[:PORT][/LISTENID...]``); a usage error if a hop is not a listenId."""
@@ -129,8 +162,10 @@ async def query(
 ) -> discovery_pb2.QueryResponse:
     """The services a remote node discovered (``hnctl query URL``), through any chain of relays:
     ``query("hn://relay.example.net/home1", type_="ssh", key="alice:SECRET")``."""
-    node, path, tls = query_target(url)
-    async with Client(
-        node, key=key, timeout=timeout, tls=tls, tls_ca=tls_ca, tls_cert=tls_cert, tls_key=tls_key, retries=retries
-    ) as client:
+    async with (
+        query_endpoint(url, timeout=timeout, tls_ca=tls_ca, tls_cert=tls_cert, tls_key=tls_key) as (node, path, tls),
+        Client(
+            node, key=key, timeout=timeout, tls=tls, tls_ca=tls_ca, tls_cert=tls_cert, tls_key=tls_key, retries=retries
+        ) as client,
+    ):
         return await client.query(path, name=name, type_=type_)

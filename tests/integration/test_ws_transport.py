@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,6 +26,7 @@ from tests.integration.support import (
     closed_port,
     connected,
     hash_server,
+    hnctl,
     homenet,
     running,
 )
@@ -268,3 +270,19 @@ async def test_a_home_node_listens_over_wss(nodes: StartNode, tmp_path: Path, ce
         res = await homenet("connect", f"{url}/{target.endpoint}", "--tls-ca", str(certs.ca), stdin=data)
         assert (res.code, res.stderr) == (0, "")
         assert res.stdout == HashServer.answer(data)
+
+
+async def test_hnctl_query_ws_goes_through_the_tunnel(nodes: StartNode, tmp_path: Path) -> None:
+    """An operator behind an HTTP-only proxy asks a home for its services over ws://: the gRPC
+    call rides a tunnel (the gate lets only `GET ` connections through)."""
+    relay = await nodes()
+    _home, _ = await start_home(nodes, relay.url, tmp_path / "home")
+    async with http_only_gate(relay) as gate:
+        res = await hnctl("query", f"ws://127.0.0.1:{gate.listen_port}/home1", "--json")
+        assert res.code == 0, res.stderr
+        assert isinstance(json.loads(res.stdout), list), res.stdout  # the home's services (none here)
+        plain = await hnctl("query", f"ws://127.0.0.1:{gate.listen_port}/home1")
+        assert plain.code == 0, plain.stderr
+        assert "runs without discovery" in plain.stdout.decode(), plain.stdout
+        assert gate.refused == 0
+        assert gate.passed >= 1
