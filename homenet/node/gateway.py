@@ -333,6 +333,7 @@ class GatewaySession:
         first, rest = named.hops[0], named.hops[1:]
         target = await self.plane.route_first(self.hs, _request(str(first), creds))
         sock = target.sock
+        info = SessionInfo(0, self.hs.peer, named.text, target.dialed, time.time())
         try:
             lines = target.greeting + b"".join(_request(str(h), creds).encode() for h in rest)
             async with asyncio.timeout(self.plane.dial_timeout + 5.0):
@@ -347,11 +348,12 @@ class GatewaySession:
                         raise RouteRefused(reply.code, f"{hop}: {reply.reason or reply.code.slug}")
         except BaseException:
             sock.close()
+            if target.on_close is not None:  # a later hop refused: the listener's session ends too
+                target.on_close(info)
             raise
         conn = h11.Connection(h11.CLIENT, max_incomplete_event_size=MAX_HEAD)
         if early := parser.trailing():  # b"" would mean EOF
             conn.receive_data(early)
-        info = SessionInfo(0, self.hs.peer, named.text, target.dialed, time.time())
         return Upstream(named.text, creds.key_id if creds else "", sock, conn, target, info)
 
     def _drop_upstream(self) -> None:

@@ -53,3 +53,31 @@ async def test_gateway_connections_are_the_listener_s_sessions_and_end(start_nod
             assert rec.bytes_down > CONNECTIONS * 1000
         finally:
             await home.stop()
+
+
+async def test_a_route_refused_further_on_gives_the_listener_s_session_back(
+    start_node: StartNode, tmp_path: Path
+) -> None:
+    """home1 answers 502 for a closed port behind it: each such request held one of home1's
+    sessions at the relay for good, until home1 refused everyone at its cap."""
+    from tests.integration.rl_support import start_home
+    from tests.integration.support import closed_port
+
+    relay = await start_node(args=node_args("127.0.0.1", "--max-listener-sessions", "3"))
+    admin = _admin(relay)
+    await start_home(start_node, relay.url, tmp_path / "home")
+    async with http_echo() as echo:
+        with closed_port() as dead:
+            for i in range(6):  # twice the cap
+                async with client(relay.port) as c:
+                    resp = await c.request("GET", f"/{i}", [("host", "x"), ("hn-route", f"home1/127.0.0.1:{dead}")])
+                    assert resp.status == 502, (i, resp)
+        async with client(relay.port) as c:
+            resp = await c.request("GET", "/ok", [("host", "x"), ("hn-route", f"home1/127.0.0.1:{echo.port}")])
+            assert resp.status == 200, resp
+
+        async def given_back() -> bool:
+            [rec] = [x for x in await listener_records(relay, admin) if x.listen_id == "home1"]
+            return rec.active_sessions == 0 and rec.total_sessions == 7
+
+        await until("every session given back", given_back)
