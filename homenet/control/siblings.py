@@ -60,53 +60,30 @@ class Siblings:
                 out.append(r)
         return out
 
-    async def statuses(self) -> list[node_pb2.NodeStatus]:
-        method = "/homenet.v1.NodeService/GetStatus"
+    async def _ask(self, service: str, name: str, request: Any) -> list[Any]:
+        """Every sibling's answer to ``service.name(request)`` (those that answered in time)."""
+        method = f"/homenet.v1.{service}/{name}"
+        stubs = {"NodeService": node_pb2_grpc.NodeServiceStub, "RelayService": relay_pb2_grpc.RelayServiceStub}
 
-        async def one(ch: grpc.aio.Channel) -> node_pb2.NodeStatus:
-            stub = node_pb2_grpc.NodeServiceStub(ch)
-            resp: node_pb2.NodeStatus = await stub.GetStatus(
-                node_pb2.GetStatusRequest(), timeout=DEADLINE, metadata=self._meta(method)
-            )
-            return resp
+        async def one(ch: grpc.aio.Channel) -> Any:
+            call = getattr(stubs[service](ch), name)
+            return await call(request, timeout=DEADLINE, metadata=self._meta(method))
 
         return await self._gather(one)
+
+    async def statuses(self) -> list[node_pb2.NodeStatus]:
+        return await self._ask("NodeService", "GetStatus", node_pb2.GetStatusRequest())
 
     async def sessions(self) -> list[node_pb2.Session]:
-        method = "/homenet.v1.NodeService/ListSessions"
-
-        async def one(ch: grpc.aio.Channel) -> list[node_pb2.Session]:
-            stub = node_pb2_grpc.NodeServiceStub(ch)
-            resp = await stub.ListSessions(
-                node_pb2.ListSessionsRequest(), timeout=DEADLINE, metadata=self._meta(method)
-            )
-            return list(resp.sessions)
-
-        return [s for part in await self._gather(one) for s in part]
+        answers = await self._ask("NodeService", "ListSessions", node_pb2.ListSessionsRequest())
+        return [s for a in answers for s in a.sessions]
 
     async def metrics(self) -> list[node_pb2.Metrics]:
-        method = "/homenet.v1.NodeService/GetMetrics"
-
-        async def one(ch: grpc.aio.Channel) -> node_pb2.Metrics:
-            stub = node_pb2_grpc.NodeServiceStub(ch)
-            resp: node_pb2.Metrics = await stub.GetMetrics(
-                node_pb2.GetMetricsRequest(), timeout=DEADLINE, metadata=self._meta(method)
-            )
-            return resp
-
-        return await self._gather(one)
+        return await self._ask("NodeService", "GetMetrics", node_pb2.GetMetricsRequest())
 
     async def listeners(self) -> list[relay_pb2.Listener]:
-        method = "/homenet.v1.RelayService/ListListeners"
-
-        async def one(ch: grpc.aio.Channel) -> list[relay_pb2.Listener]:
-            stub = relay_pb2_grpc.RelayServiceStub(ch)
-            resp = await stub.ListListeners(
-                relay_pb2.ListListenersRequest(), timeout=DEADLINE, metadata=self._meta(method)
-            )
-            return list(resp.listeners)
-
-        return [x for part in await self._gather(one) for x in part]
+        answers = await self._ask("RelayService", "ListListeners", relay_pb2.ListListenersRequest())
+        return [x for a in answers for x in a.listeners]
 
     async def close(self) -> None:
         for ch in self._channels:

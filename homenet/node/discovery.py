@@ -35,7 +35,7 @@ from homenet import __version__
 from homenet.node.address import Endpoint
 from homenet.node.dialer import Dialed, Dialer, DialError
 from homenet.node.log import fields
-from homenet.node.policy import IPNetwork, TargetPolicy, interface_addresses, lan_networks
+from homenet.node.policy import IPNetwork, TargetPolicy, host_subnets, interface_addresses
 
 log = logging.getLogger("homenet.discovery")
 
@@ -401,20 +401,6 @@ def node_txt(rl_urls: Iterable[str]) -> dict[str, str]:
     """TXT of a node's own ``_homenet._tcp`` record."""
     urls = " ".join(rl_urls)
     return {"version": __version__, "rl": urls[:MAX_TXT_VALUE]}
-
-
-#: Seconds the host's subnets are trusted before they are listed again (addresses change).
-_LAN_TTL = 5.0
-_lan_cache: tuple[float, tuple[IPNetwork, ...]] = (-_LAN_TTL, ())
-
-
-def host_subnets() -> tuple[IPNetwork, ...]:
-    """The private subnets this host is on now (cached for a few seconds)."""
-    global _lan_cache
-    now = time.monotonic()
-    if now - _lan_cache[0] >= _LAN_TTL:
-        _lan_cache = (now, tuple(lan_networks()))
-    return _lan_cache[1]
 
 
 def service_policy(policy: TargetPolicy, lan: Callable[[], Iterable[IPNetwork]] = host_subnets) -> TargetPolicy:

@@ -92,13 +92,7 @@ class Upstream:
 
     def close(self) -> None:
         """Close it and tell its owner (a listener's session ends: its count goes back)."""
-        self.sock.close()
-        self.ended()
-
-    def ended(self) -> None:
-        if self.target.on_close is not None:
-            on_close, self.target.on_close = self.target.on_close, None  # once
-            on_close(self.info)
+        self.target.abandon(self.info)
 
 
 class HttpPlane:
@@ -347,9 +341,7 @@ class GatewaySession:
                     if not reply.ok:
                         raise RouteRefused(reply.code, f"{hop}: {reply.reason or reply.code.slug}")
         except BaseException:
-            sock.close()
-            if target.on_close is not None:  # a later hop refused: the listener's session ends too
-                target.on_close(info)
+            target.abandon(info)  # a later hop refused: the listener's session ends too
             raise
         conn = h11.Connection(h11.CLIENT, max_incomplete_event_size=MAX_HEAD)
         if early := parser.trailing():  # b"" would mean EOF
@@ -457,12 +449,12 @@ class GatewaySession:
         def spliced_end(sp: Splice, exc: BaseException | None) -> None:
             up.info.moved_up += sp.bytes_up
             up.info.moved_down += sp.bytes_down
-            up.ended()
+            up.target.ended(up.info)
 
         try:
             await self.plane.splices.start(self.sock, up.sock, to_a=to_client, to_b=to_target, on_close=spliced_end)
         except BaseException:
-            up.ended()
+            up.target.ended(up.info)
             raise
         return False
 

@@ -20,6 +20,7 @@ import ipaddress
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
+from typing import TypeVar
 
 from homenet.node.errors import Code, HomeNetError
 
@@ -115,19 +116,28 @@ def local_addresses() -> list[IPAddress]:
     return [normalise(i.ip) for i in interface_addresses()]
 
 
-#: Seconds the host's own addresses are trusted before they are listed again.
-_LOCAL_TTL = 5.0
-_local_cache: tuple[float, frozenset[IPAddress]] = (-_LOCAL_TTL, frozenset())
+#: Seconds the host's interfaces are trusted before they are listed again (addresses change).
+HOST_TTL = 5.0
+T = TypeVar("T")
 
 
-def host_addresses() -> frozenset[IPAddress]:
-    """This host's addresses now (listed again every few seconds: an address added after
-    the node started must not let it dial itself)."""
-    global _local_cache
-    now = time.monotonic()
-    if now - _local_cache[0] >= _LOCAL_TTL:
-        _local_cache = (now, frozenset(local_addresses()))
-    return _local_cache[1]
+def refreshed(compute: Callable[[], T], seconds: float = HOST_TTL) -> Callable[[], T]:
+    """``compute`` again at most every ``seconds`` (the same answer in between)."""
+    last: list[tuple[float, T]] = []
+
+    def get() -> T:
+        now = time.monotonic()
+        if not last or now - last[0][0] >= seconds:
+            last[:] = [(now, compute())]
+        return last[0][1]
+
+    return get
+
+
+#: This host's addresses now: an address added after the node started must not let it dial itself.
+host_addresses = refreshed(lambda: frozenset(local_addresses()))
+#: The private subnets this host is on now (where a discovered LAN service may be).
+host_subnets = refreshed(lambda: tuple(lan_networks()))
 
 
 @dataclass(frozen=True)

@@ -27,7 +27,7 @@ from homenet.node.discovery import PublicServices, Service, dial_service
 from homenet.node.errors import Code, RouteError
 from homenet.node.fleet import Fleet, Owner
 from homenet.node.keys import Key
-from homenet.node.limits import source_of
+from homenet.node.limits import client_source
 from homenet.node.listeners import Listener
 from homenet.node.sessions import Target
 
@@ -54,8 +54,7 @@ def penalty_source(peer: str) -> str:
     """Whom a failed login counts against: the client's address, also for a connection a relay
     activated (``"203.0.113.9:5555 via hn://relay"``); "" when no client address is known
     (an old relay's pool connection): then nobody, rather than every client of that relay."""
-    first = peer.split(" ", 1)[0]
-    source = source_of(first)
+    source = client_source(peer)
     try:
         ipaddress.ip_network(source, strict=False)
     except ValueError:

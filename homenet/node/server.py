@@ -45,7 +45,7 @@ from homenet.node.preamble import (
     stamp_depth,
 )
 from homenet.node.router import Router
-from homenet.node.sessions import SessionTable, Target
+from homenet.node.sessions import SessionInfo, SessionTable, Target
 from homenet.node.settings import Settings
 from homenet.node.splice import CarrierPool, Splices
 from homenet.node.stats import Histogram, bump
@@ -413,8 +413,8 @@ class Node:
         try:
             # nearly always decided on what is in hand: no deadline, no coroutine
             early, sent = self._stamp_now(hs.trailing, hs.depth) or await self._stamped(hs)
-        except BaseException:
-            target.sock.close()
+        except BaseException:  # a listener's session ends with it
+            target.abandon(SessionInfo(0, hs.peer, event.arg, target.dialed, time.time()))
             raise
         await self.sessions.splice(hs.sock, hs.peer, early, target, event.arg, sent, hs.source)
         self.setup_seconds.observe(self._now() - hs.since)

@@ -38,6 +38,18 @@ class Target:
     #: Bytes the target already sent, for the client after its OK (a forwarded hop's early bytes).
     to_client: bytes = b""
 
+    def ended(self, info: SessionInfo) -> None:
+        """The session on this target is over: its owner's hook runs, once (a listener's session
+        count goes back down, with the bytes)."""
+        hook, self.on_close = self.on_close, None
+        if hook is not None:
+            hook(info)
+
+    def abandon(self, info: SessionInfo) -> None:
+        """Close the target, unspliced (the client went, a later hop refused): :meth:`ended`."""
+        self.sock.close()
+        self.ended(info)
+
 
 @dataclass(slots=True)
 class SessionInfo:
@@ -146,15 +158,12 @@ class SessionTable:
                 if sent < len(first):
                     await send_rest(target.sock, first, sent)
         except BaseException:
-            target.sock.close()
-            if target.on_close is not None:
-                target.on_close(info)
+            target.abandon(info)
             raise
 
         def closed(_: Splice, exc: BaseException | None) -> None:
             self._closed(info, exc)
-            if target.on_close is not None:
-                target.on_close(info)
+            target.ended(info)
 
         if self._loop is None:  # asked once: get_running_loop() costs a getpid() syscall
             self._loop = asyncio.get_running_loop()
