@@ -12,15 +12,12 @@ import secrets
 import signal
 import socket
 from collections.abc import AsyncIterator, Callable
-
-from prometheus_client import CollectorRegistry
+from typing import TYPE_CHECKING
 
 from homenet.control.admin import AdminServer
 from homenet.control.auth import AuthInterceptor
-from homenet.control.console import pages
 from homenet.control.discovery import DiscoveryServicer
 from homenet.control.fleet import FleetServicer, Identity, PeerLinks
-from homenet.control.metrics import NodeCollector, RLView, exposition, merge_workers, registry_for
 from homenet.control.relay import RelayServicer
 from homenet.control.rl import IdentityBusy, Refused, RLClient, RLOptions
 from homenet.control.server import ControlServer, NodeServicer
@@ -40,6 +37,9 @@ from homenet.node.remote import FixedTarget
 from homenet.node.replay import ReplayTable, replay_path
 from homenet.node.settings import Settings
 from homenet.node.tls import client_context
+
+if TYPE_CHECKING:
+    from prometheus_client import CollectorRegistry
 
 log = logging.getLogger("homenet.app")
 
@@ -188,7 +188,7 @@ class NodeRuntime:
         fleet_counts = self.fleet.directory.counts if self.fleet is not None and spec is None else None
         node_servicer = self.control.add_node(
             core.node, core.relay.registry.online_count, fleet_counts, self.siblings,
-            metrics=lambda: exposition(self.registry),
+            metrics=self._exposition,
         )  # fmt: skip
         relay_pb2_grpc.add_RelayServiceServicer_to_server(
             RelayServicer(
@@ -205,26 +205,34 @@ class NodeRuntime:
             [RLClient(rl_options(settings, u, core.node_id), self._serve, self._listening, core.queries.query)
              for u in settings.rl]
         )  # fmt: skip
-        self.registry = self._registry()
+        #: This process's metrics, made on first use (a node nobody scrapes loads no metrics library).
+        self._registry: CollectorRegistry | None = None
         self.admin = self._admin(node_servicer, fleet_servicer) if settings.metrics_bind else None
         self.advertiser: Advertiser | None = None
         self._background: set[asyncio.Task[None]] = set()
 
-    def _registry(self) -> CollectorRegistry:
-        """This process's metrics (a worker's siblings are the node, not its fleet)."""
-        core = self.core
-        views = [
-            RLView(str(c.opts.route), lambda c=c: c.connected, lambda c=c: c.reconnects)  # type: ignore[misc]
-            for c in self.listeners.clients
-        ]
-        fleet = self.fleet.directory if self.fleet is not None and self.spec is None else None
-        return registry_for(
-            NodeCollector(self.settings.name, core.node, core.relay, core.limiter, core.discovery, fleet, views)
-        )
+    def _exposition(self) -> bytes:
+        """This process's metrics in the text format (a worker's siblings are the node, not its
+        fleet)."""
+        from homenet.control.metrics import NodeCollector, RLView, exposition, registry_for
+
+        if self._registry is None:
+            core = self.core
+            views = [
+                RLView(str(c.opts.route), lambda c=c: c.connected, lambda c=c: c.reconnects)  # type: ignore[misc]
+                for c in self.listeners.clients
+            ]
+            fleet = self.fleet.directory if self.fleet is not None and self.spec is None else None
+            self._registry = registry_for(
+                NodeCollector(self.settings.name, core.node, core.relay, core.limiter, core.discovery, fleet, views)
+            )
+        return exposition(self._registry)
 
     async def _metrics(self) -> bytes:
         """The node's metrics: this process's, or every worker's merged."""
-        own = exposition(self.registry)
+        from homenet.control.metrics import merge_workers
+
+        own = self._exposition()
         if self.siblings is None:
             return own
         others = await self.siblings.metrics()
@@ -232,6 +240,8 @@ class NodeRuntime:
 
     def _admin(self, node: NodeServicer, fleet: FleetServicer) -> AdminServer:
         """The metrics and dashboard server (started with the node)."""
+        from homenet.control.console import pages
+
         core, s = self.core, self.settings
         loopback = s.metrics_loopback
         return AdminServer(
