@@ -51,6 +51,20 @@ start_hn() {  # start_hn NAME WANT_LINE CMD... : start a HomeNet process, wait f
     cat "$LOG/$name.out" >&2
     exit 1
 }
+tree_cpu() {  # tree_cpu PID... : utime+stime of the process trees (forks, workers), clock ticks
+    [ $# -gt 0 ] || { echo 0; return; }
+    local p total=0 f
+    for p in $(ps -e -o pid=,ppid= | awk -v roots="$*" '
+        BEGIN { n = split(roots, r, " "); for (i = 1; i <= n; i++) want[r[i]] = 1 }
+        { kids[$2] = kids[$2] " " $1 }
+        END { for (p in want) q[++t] = p
+              for (h = 1; h <= t; h++) { print q[h]; m = split(kids[q[h]], k, " ")
+                                         for (j = 1; j <= m; j++) if (!(k[j] in want)) { want[k[j]] = 1; q[++t] = k[j] } } }'); do
+        f=$(sed 's/.*) //' "/proc/$p/stat" 2>/dev/null) || continue
+        total=$(( total + $(awk '{print $12 + $13}' <<<"$f") ))
+    done
+    echo "$total"
+}
 pid() { cat "$RUN/$1.pid"; }
 died() {  # died NAME FILE : if the HomeNet process NAME has exited, append why to FILE (and
           # stderr) and return 0. Not in a subshell ($(...) or a pipe): `wait` needs our child.

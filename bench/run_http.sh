@@ -212,20 +212,6 @@ base_url() {
 route_header() {  # the header that names the target (none for direct and haproxy)
     case $1 in frp|homenet) echo "Host: $HOST" ;; homenet-route) echo "HN-Route: web" ;; esac
 }
-proc_cpu() {  # proc_cpu PID... : utime+stime of the process trees (node --workers, nginx), ticks
-    [ $# -gt 0 ] || { echo 0; return; }
-    local p total=0 f
-    for p in $(ps -e -o pid=,ppid= | awk -v roots="$*" '
-        BEGIN { n = split(roots, r, " "); for (i = 1; i <= n; i++) want[r[i]] = 1 }
-        { kids[$2] = kids[$2] " " $1 }
-        END { for (p in want) q[++t] = p
-              for (h = 1; h <= t; h++) { print q[h]; m = split(kids[q[h]], k, " ")
-                                         for (j = 1; j <= m; j++) if (!(k[j] in want)) { want[k[j]] = 1; q[++t] = k[j] } } }'); do
-        f=$(sed 's/.*) //' "/proc/$p/stat" 2>/dev/null) || continue
-        total=$(( total + $(awk '{print $12 + $13}' <<<"$f") ))
-    done
-    echo "$total"
-}
 
 measure() {  # measure SYSTEM REP MODE : one wrk run, its JSON and the CPU of each side
     local s=$1 rep=$2 m=$3 label="$1#$2#$3" file secs conns r h n r0 h0 n0 t0 t1 hdr args=()
@@ -239,7 +225,7 @@ measure() {  # measure SYSTEM REP MODE : one wrk run, its JSON and the CPU of ea
     case $s in homenet*) ensure_up ;; esac
     read -r -a r <<<"$(relay_pids "$s")"; read -r -a h <<<"$(home_pids "$s")"
     n=("$(pidf nginx)")
-    r0=$(proc_cpu "${r[@]}"); h0=$(proc_cpu "${h[@]}"); n0=$(proc_cpu "${n[@]}"); t0=$(date +%s.%N)
+    r0=$(tree_cpu "${r[@]}"); h0=$(tree_cpu "${h[@]}"); n0=$(tree_cpu "${n[@]}"); t0=$(date +%s.%N)
     LABEL=$label timeout --foreground $((secs + 60)) wrk -t1 -c"$conns" -d"${secs}s" --timeout 10s \
         -s "$HERE/wrk_json.lua" "${args[@]}" "$(base_url "$s")/$file" >"$LOG/wrk.out" 2>&1
     t1=$(date +%s.%N)
@@ -249,8 +235,8 @@ measure() {  # measure SYSTEM REP MODE : one wrk run, its JSON and the CPU of ea
         printf '{"label": "%s", "error": "%s"}\n' "$label" "$(tr '\n"' ' ' <"$LOG/wrk.out" | cut -c1-300)" \
             | tee -a "$OUT/http.jsonl" >&2
     fi
-    awk -v lb="$label" -v r0="$r0" -v r1="$(proc_cpu "${r[@]}")" -v h0="$h0" -v h1="$(proc_cpu "${h[@]}")" \
-        -v n0="$n0" -v n1="$(proc_cpu "${n[@]}")" -v t0="$t0" -v t1="$t1" -v hz="$(getconf CLK_TCK)" \
+    awk -v lb="$label" -v r0="$r0" -v r1="$(tree_cpu "${r[@]}")" -v h0="$h0" -v h1="$(tree_cpu "${h[@]}")" \
+        -v n0="$n0" -v n1="$(tree_cpu "${n[@]}")" -v t0="$t0" -v t1="$t1" -v hz="$(getconf CLK_TCK)" \
         'BEGIN { printf "{\"label\": \"%s\", \"relay_cpu_s\": %.2f, \"home_cpu_s\": %.2f, \"nginx_cpu_s\": %.2f, \"wall_s\": %.2f}\n",
                  lb, (r1 - r0) / hz, (h1 - h0) / hz, (n1 - n0) / hz, t1 - t0 }' >>"$OUT/cpu.jsonl"
 }

@@ -146,20 +146,6 @@ listen_pid() {  # listen_pid SYSTEM : the `homenet listen` of the iperf3 rows
     hn-pool) pidf listen_pool ;; hn-nopool) pidf listen_nopool ;; hn-rl) pidf listen_rl ;;
     esac
 }
-tree_cpu() {  # tree_cpu PID... : utime+stime of the process trees (sshd forks), clock ticks
-    [ $# -gt 0 ] || { echo 0; return; }
-    local p total=0 f
-    for p in $(ps -e -o pid=,ppid= | awk -v roots="$*" '
-        BEGIN { n = split(roots, r, " "); for (i = 1; i <= n; i++) want[r[i]] = 1 }
-        { kids[$2] = kids[$2] " " $1 }
-        END { for (p in want) q[++t] = p
-              for (h = 1; h <= t; h++) { print q[h]; m = split(kids[q[h]], k, " ")
-                                         for (j = 1; j <= m; j++) if (!(k[j] in want)) { want[k[j]] = 1; q[++t] = k[j] } } }'); do
-        f=$(sed 's/.*) //' "/proc/$p/stat" 2>/dev/null) || continue
-        total=$(( total + $(awk '{print $12 + $13}' <<<"$f") ))
-    done
-    echo "$total"
-}
 measure() {  # measure FILE LABEL SYSTEM [iperf] -- CMD... : run CMD, append its JSON and the CPU
     local file=$1 label=$2 sys=$3 with_listen=0 r h l r0 h0 l0 t0 t1
     shift 3
