@@ -11,6 +11,7 @@ import sys
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Self
 
 READY_TIMEOUT = 20.0
 
@@ -153,7 +154,7 @@ class EchoServer:
             with contextlib.suppress(ConnectionError, OSError):
                 await writer.wait_closed()
 
-    async def start(self) -> EchoServer:
+    async def start(self) -> Self:
         self.server = await asyncio.start_server(self._handle, self.host, self.port, limit=1 << 20, backlog=4096)
         self.port = self.server.sockets[0].getsockname()[1]
         return self

@@ -31,7 +31,7 @@ from wsproto.events import (
     TextMessage,
 )
 
-from tests.helpers import NodeProc, pattern, proc_env, spawn
+from tests.helpers import EchoServer, NodeProc, pattern, proc_env, spawn
 
 #: Upper bound of any single wait (the nodes answer in milliseconds).
 TIMEOUT = 10.0
@@ -46,34 +46,17 @@ def sha(data: bytes) -> str:
 
 # -- the HTTP target ----------------------------------------------------------------------------------
 @dataclass
-class HttpEcho:
+class HttpEcho(EchoServer):
     """An HTTP/1.1 echo server (h11 + asyncio) on 127.0.0.1 with keep-alive and chunked bodies.
 
     Every response carries ``x-echo`` (JSON of what the request was) and the request body
     as its body; ``GET /blob/N`` answers N pattern bytes with chunked encoding instead.
+    ``connections`` counts the TCP connections accepted (``x-echo``'s ``conn`` numbers them
+    from 1).
     """
 
-    host: str = "127.0.0.1"
-    port: int = 0
-    #: TCP connections accepted so far (the ``conn`` of ``x-echo`` numbers them from 1).
-    connections: int = 0
     #: TCP connections open now.
     open: int = 0
-    server: asyncio.Server | None = None
-
-    async def start(self) -> HttpEcho:
-        self.server = await asyncio.start_server(self._handle, self.host, self.port)
-        self.port = int(self.server.sockets[0].getsockname()[1])
-        return self
-
-    @property
-    def endpoint(self) -> str:
-        return f"{self.host}:{self.port}"
-
-    async def close(self) -> None:
-        if self.server is not None:
-            self.server.close()
-            await self.server.wait_closed()
 
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self.connections += 1
@@ -160,24 +143,11 @@ async def settles(what: str, check: Callable[[], bool], timeout: float = TIMEOUT
 
 # -- the WebSocket target -----------------------------------------------------------------------------
 @dataclass
-class WsEcho:
+class WsEcho(EchoServer):
     """A WebSocket echo server (wsproto + asyncio): each message comes back as it was sent."""
 
-    host: str = "127.0.0.1"
-    port: int = 0
     #: The handshake requests it accepted: (target, headers).
     handshakes: list[tuple[str, list[tuple[str, str]]]] = field(default_factory=list)
-    server: asyncio.Server | None = None
-
-    async def start(self) -> WsEcho:
-        self.server = await asyncio.start_server(self._handle, self.host, self.port)
-        self.port = int(self.server.sockets[0].getsockname()[1])
-        return self
-
-    async def close(self) -> None:
-        if self.server is not None:
-            self.server.close()
-            await self.server.wait_closed()
 
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         ws = WSConnection(ConnectionType.SERVER)
