@@ -106,6 +106,17 @@ async def dial(host: str, port: int, source: str | None = None) -> Conn:
     return Conn(reader, writer)
 
 
+async def echoed(node: NodeProc, line: bytes, payload: bytes, source: str | None = None) -> bytes:
+    """Everything the node sends back for ``line`` + ``payload`` then a half-close (reply + echo)."""
+    conn = await dial(node.host, node.port, source=source)
+    try:
+        await conn.send(line + payload)
+        await conn.shutdown_write()
+        return await conn.until_eof()
+    finally:
+        await conn.close()
+
+
 @contextlib.asynccontextmanager
 async def connected(host: str, port: int) -> AsyncIterator[Conn]:
     conn = await dial(host, port)

@@ -26,7 +26,7 @@ from tests.conftest import StartNode
 from tests.helpers import NodeProc, echo_server, node_args, spawn
 from tests.integration.fleet_support import fleet, listener_records, until
 from tests.integration.rl_support import start_home, two_hop_request
-from tests.integration.support import OK_REPLY, dial, node_conn, wait_status
+from tests.integration.support import OK_REPLY, dial, echoed, node_conn, wait_status
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -92,17 +92,6 @@ def signed(creds: Credentials, hop: str) -> bytes:
     return encode_request(Verb.CONNECT, hop, creds.token(f"HN/1 CONNECT {hop}"))
 
 
-async def exchange(node: NodeProc, line: bytes, payload: bytes, source: str | None = None) -> bytes:
-    """Send ``line`` + ``payload``, half-close, read all (reply line and echo)."""
-    conn = await dial(node.host, node.port, source=source)
-    try:
-        await conn.send(line + payload)
-        await conn.shutdown_write()
-        return await conn.until_eof()
-    finally:
-        await conn.close()
-
-
 async def test_a_relays_metrics_move_as_its_traffic_did(start_node: StartNode, tmp_path: Path) -> None:
     async with echo_server() as echo:
         relay = await start_node(
@@ -121,15 +110,15 @@ async def test_a_relays_metrics_move_as_its_traffic_did(start_node: StartNode, t
         sizes = [1, 1000, 65536, 300_000]
         for n in sizes:  # direct sessions: exactly these bytes each way
             payload = bytes(range(256)) * (n // 256) + b"x" * (n % 256)
-            got = await exchange(relay, signed(creds, echo.endpoint), payload)
+            got = await echoed(relay, signed(creds, echo.endpoint), payload)
             assert got == OK_REPLY + payload
         for i in range(3):  # through the listener (a pool connection or a dial-back)
-            got = await exchange(relay, two_hop_request(listen_id, echo.endpoint), b"via home")
+            got = await echoed(relay, two_hop_request(listen_id, echo.endpoint), b"via home")
             assert got == OK_REPLY * 2 + b"via home", (i, got)
-        assert (await exchange(relay, b"HN/1 CONNECT nosuchlistener\n", b""))[:7] == b"HN/1 40"
-        assert (await exchange(relay, b"HN/1 BOGUS\n", b""))[:12] == b"HN/1 400 bad"
+        assert (await echoed(relay, b"HN/1 CONNECT nosuchlistener\n", b""))[:7] == b"HN/1 40"
+        assert (await echoed(relay, b"HN/1 BOGUS\n", b""))[:12] == b"HN/1 400 bad"
         bad = Credentials(creds.key_id, creds.secret.__class__("not-the-secret-" + "x" * 20))
-        reply = await exchange(relay, signed(bad, echo.endpoint), b"", source="127.0.0.9")
+        reply = await echoed(relay, signed(bad, echo.endpoint), b"", source="127.0.0.9")
         assert reply.startswith(b"HN/1 401 "), reply
         after = await settled(relay)
 
@@ -211,7 +200,7 @@ async def test_a_fleet_relay_reports_its_peers_and_forwards(start_node: StartNod
 
             await until("b sees h1 in a's directory", b_sees_h1)
             before = await scrape(b)
-            got = await exchange(b, b"HN/1 CONNECT h1\n", b"across")
+            got = await echoed(b, b"HN/1 CONNECT h1\n", b"across")
             assert got == OK_REPLY + b"across"
             after = await scrape(b)
             forwards = {dict(k[1])["peer"]: v for k, v in after.items() if k[0] == "homenet_fleet_forwards_total"}
@@ -239,7 +228,7 @@ async def test_refusals_at_accept_and_the_caps_are_exported(start_node: StartNod
         async with asyncio.timeout(10.0):
             while value(await scrape(node), "homenet_handshakes") < 1:
                 await asyncio.sleep(0.05)
-        refused = await exchange(node, b"", b"", source="127.0.0.5")
+        refused = await echoed(node, b"", b"", source="127.0.0.5")
         assert refused.startswith(b"HN/1 429 "), refused
     finally:
         await held.close()
@@ -257,7 +246,7 @@ async def test_a_multi_worker_node_serves_its_workers_metrics_merged(start_node:
     async with echo_server() as echo:
         sessions = 20  # all on one worker of two by chance: 2 * 2**-20
         for i in range(sessions):
-            got = await exchange(node, encode_request(Verb.CONNECT, echo.endpoint), b"w%d" % i)
+            got = await echoed(node, encode_request(Verb.CONNECT, echo.endpoint), b"w%d" % i)
             assert got == OK_REPLY + b"w%d" % i
         status = await wait_status(node, "every session counted", lambda s: s.total_sessions == sessions)
         assert status.workers_up == 2

@@ -48,6 +48,7 @@ from tests.integration.support import (
     channel,
     cli_env,
     dial,
+    echoed,
     hnctl,
     homenet,
     parse_reply,
@@ -129,17 +130,6 @@ async def refused(node: NodeProc, line: bytes, source: str | None = None) -> Rep
     finally:
         await conn.close()
     return reply
-
-
-async def echoed(node: NodeProc, line: bytes, payload: bytes, source: str | None = None) -> bytes:
-    """Everything the node sends back for ``line`` + ``payload`` then a half-close (reply + echo)."""
-    conn = await dial(node.host, node.port, source=source)
-    try:
-        await conn.send(line + payload)
-        await conn.shutdown_write()
-        return await conn.until_eof()
-    finally:
-        await conn.close()
 
 
 def one_error_line(result: CliResult, prog: str = "homenet") -> str:
